@@ -1,0 +1,670 @@
+"""The ``queuectl`` command line: parse, call the models layer, print. Nothing else lives here."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import click
+
+from queuectl import __version__
+from queuectl.errors import InvalidInput, QueueError
+from queuectl.paths import Paths
+from queuectl.timeutil import format_duration, format_instant
+
+STATE_NAMES = ("pending", "processing", "completed", "failed", "dead", "cancelled")
+TERMINAL = ("completed", "dead", "cancelled")
+
+
+# -- plumbing --------------------------------------------------------------------------------
+class UserError(click.ClickException):
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class QueueGroup(click.Group):
+    """Turns every expected error into one line on stderr; never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QueueError as exc:
+            raise UserError(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except OSError as exc:
+            if os.environ.get("QUEUECTL_DEBUG"):
+                raise
+            raise UserError(f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}") from None
+        except Exception as exc:  # a bug: still one line, details on request
+            if os.environ.get("QUEUECTL_DEBUG"):
+                raise
+            raise UserError(f"internal error: {type(exc).__name__}: {exc} "
+                            "(set QUEUECTL_DEBUG=1 for a traceback)") from None
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        return super().get_command(ctx, ALIASES.get(name, name))
+
+
+ALIASES = {"initdb": "init-db", "ls": "list", "requeue": "dlq-retry"}
+
+
+def _paths() -> Paths:
+    return Paths()
+
+
+def _queue(durable: bool = True):
+    """Open the store and the models layer on top (lazily: keeps start-up fast)."""
+    from queuectl import wakeup
+    from queuectl.models import Queue
+    from queuectl.sqlite_store import SqliteStore
+
+    paths = _paths()
+    store = SqliteStore(paths.db, durable=durable)
+    return Queue(store, notify=lambda: wakeup.ring(paths.workers_dir))
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _command_text(job: Dict[str, Any]) -> str:
+    if job.get("argv"):
+        import shlex
+
+        return shlex.join(json.loads(job["command"]))
+    return job["command"]
+
+
+def _public(job: Dict[str, Any]) -> Dict[str, Any]:
+    """A job as users see it in --json: command decoded, internal columns dropped."""
+    out = {k: v for k, v in job.items() if k not in ("seq", "argv", "job_pid_start")}
+    if job.get("argv") and isinstance(job.get("command"), str):
+        out["command"] = json.loads(job["command"])
+    return out
+
+
+def _table(rows: List[List[str]], headers: List[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
+    click.echo(line)
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _job_rows(jobs: List[Dict[str, Any]], with_error: bool = False) -> None:
+    rows = []
+    now = time.time()
+    for job in jobs:
+        if job["state"] in ("pending", "failed"):
+            when = "now" if job["run_at"] <= now else "in " + format_duration(job["run_at"] - now)
+        elif job["state"] == "processing":
+            when = "since " + format_instant(job["started_at"])
+        else:
+            when = format_instant(job["finished_at"] or job["updated_at"])
+        row = [job["id"], job["state"], str(job["attempts"]), str(job["priority"]), when,
+               _short(_command_text(job), 50)]
+        if with_error:
+            row.append(_short(job["last_error"] or "", 40))
+        rows.append(row)
+    headers = ["ID", "STATE", "ATTEMPTS", "PRIORITY", "RUN/FINISHED", "COMMAND"]
+    _table(rows, headers + (["LAST ERROR"] if with_error else []))
+
+
+# -- the group ---------------------------------------------------------------------------------
+@click.group(cls=QueueGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="queuectl")
+def cli() -> None:
+    """queuectl: a persistent background job queue for shell commands.
+
+    \b
+    Data lives in ~/.queuectl (or $QUEUECTL_HOME): queue.db, workers/, logs/.
+    \b
+    Quick tour:
+      queuectl add "echo hello"                  # or: queuectl enqueue '{"command":"echo hello"}'
+      queuectl worker start --count 2            # detached workers
+      queuectl status
+      queuectl list --state completed
+      queuectl show 1 ; queuectl logs 1
+      queuectl worker stop
+    """
+
+
+@cli.command("init-db")
+def init_db() -> None:
+    """Create the database if needed (idempotent) and print where it is.
+
+    Every command creates it on first use; this just makes it explicit. Alias: initdb.
+    """
+    queue = _queue()
+    click.echo(f"database ready: {queue.store.db.path}")
+
+
+# -- enqueue / add -----------------------------------------------------------------------------
+def _read_batch(source: str) -> "tuple[List[Any], List[int]]":
+    """Parse JSON Lines (a JSON array also works); returns (objects, their line numbers)."""
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(source, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {source}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{source} is not UTF-8 text") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as exc:
+            raise InvalidInput(f"malformed JSON in {source}: {exc}") from None
+        return items, list(range(1, len(items) + 1))
+    items, lines = [], []
+    loads = json.loads
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            items.append(loads(line))
+        except ValueError as exc:
+            raise InvalidInput(f"line {number}: malformed JSON: {exc}") from None
+        lines.append(number)
+    return items, lines
+
+
+def _submit(items: Sequence[Any], where: Sequence[str], if_exists: str, progress: bool = False) -> None:
+    from queuectl.jobspec import parse_job
+
+    now = time.time()
+    try:
+        cwd: Optional[str] = os.getcwd()
+    except OSError:
+        cwd = None
+    specs = []
+    iterator: Any = items
+    bar = None
+    if progress and len(items) > 1000 and sys.stderr.isatty():
+        bar = click.progressbar(length=len(items), label="validating", file=sys.stderr)
+        bar.__enter__()
+    try:
+        for index, item in enumerate(iterator):
+            try:
+                specs.append(parse_job(item, now=now, default_cwd=cwd))
+            except QueueError as exc:
+                raise type(exc)(f"{where[index]}{exc}") from None
+            if bar is not None and index % 1000 == 999:
+                bar.update(1000)
+    finally:
+        if bar is not None:
+            bar.update(len(items) - bar.pos)
+            bar.__exit__(None, None, None)
+    if not specs:
+        raise InvalidInput("no jobs given")
+    queue = _queue()
+    try:
+        results = queue.enqueue(specs, if_exists=if_exists)
+    except QueueError as exc:
+        index = getattr(exc, "index", None)
+        prefix = where[index] if index is not None else ""
+        raise type(exc)(f"{prefix}{exc}") from None
+    if len(results) == 1:
+        result = results[0]
+        if result.created:
+            click.echo(f"Enqueued job {result.id}")
+        else:
+            click.echo(f"Job {result.id} already active with that unique key; skipped")
+        return
+    created = sum(r.created for r in results)
+    skipped = len(results) - created
+    click.echo(f"Enqueued {created} jobs" + (f" ({skipped} skipped: unique key active)" if skipped else "")
+               + (f": {results[0].id} … {results[-1].id}" if created else ""))
+
+
+@cli.command()
+@click.argument("job_json", required=False)
+@click.option("--file", "-f", "source", metavar="PATH", help="JSON Lines file ('-' = stdin); all jobs in one transaction.")
+@click.option("--if-exists", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+              help="When a job with the same unique_key is active: fail, or print its id and exit 0.")
+def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str) -> None:
+    """Add a job described as JSON.
+
+    \b
+    Fields: command (required: string = shell, list = argv without shell), id, max_retries,
+    priority (higher first), run_at (ISO-8601 or epoch) or delay (seconds), timeout (seconds),
+    cwd (default: current directory), after (ids that must complete first), unique_key.
+    A JSON array, or --file with one JSON object per line, adds many jobs all-or-nothing.
+    \b
+    Examples:
+      queuectl enqueue '{"id":"job1","command":"echo Hello"}'
+      queuectl enqueue '{"command":["tar","czf","/tmp/b.tgz","/etc"],"max_retries":5,"timeout":600}'
+      queuectl enqueue '{"command":"./report.sh","run_at":"2030-01-01T09:00:00Z","priority":10}'
+      queuectl enqueue --file jobs.jsonl
+      generate_jobs | queuectl enqueue --file -
+    """
+    if (job_json is None) == (source is None):
+        raise InvalidInput("give one job as a JSON argument, or --file PATH (use '-' for stdin)")
+    if source is not None:
+        items, lines = _read_batch(source)
+        _submit(items, [f"line {n}: " for n in lines], if_exists, progress=True)
+        return
+    try:
+        data = json.loads(job_json)
+    except ValueError as exc:
+        raise InvalidInput(f"malformed JSON: {exc}") from None
+    if isinstance(data, list):
+        _submit(data, [f"job {i + 1}: " for i in range(len(data))], if_exists)
+    else:
+        _submit([data], [""], if_exists)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--id", "job_id", help="Job id (default: the next number).")
+@click.option("--max-retries", type=int, help="Retries after the first run (default: config max_retries).")
+@click.option("--priority", "-p", type=int, help="Higher runs first (default 0).")
+@click.option("--run-at", help="Earliest start: ISO-8601 (2025-12-01T10:00:00Z) or epoch seconds.")
+@click.option("--delay", help="Earliest start as a delay: 30, 30s, 5m, 2h, 1d.")
+@click.option("--timeout", help="Kill the job after this long: 30, 5m, 2h.")
+@click.option("--cwd", help="Working directory (default: current directory).")
+@click.option("--after", help="Comma-separated ids that must complete first.")
+@click.option("--unique-key", help="Refuse if an active job holds this key.")
+@click.option("--if-exists", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+              help="With --unique-key: fail, or print the existing id and exit 0.")
+def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int],
+        priority: Optional[int], run_at: Optional[str], delay: Optional[str], timeout: Optional[str],
+        cwd: Optional[str], after: Optional[str], unique_key: Optional[str], if_exists: str) -> None:
+    """Add a job from the command line, no JSON quoting needed.
+
+    One argument is run by the shell; several are quoted so each stays one argument.
+
+    \b
+    Examples:
+      queuectl add "echo 'Hello World'"
+      queuectl add "sleep 2" --max-retries 5
+      queuectl add "echo 'Urgent!'" --priority 10
+      queuectl add "echo later" --run-at "2025-12-01T10:00:00Z"
+      queuectl add --timeout 5m --unique-key nightly-backup -- rsync -a /src /dst
+      queuectl add --after 12,13 "make report"
+    """
+    if len(command) == 1:
+        text = command[0]
+    else:
+        import shlex
+
+        text = shlex.join(command)
+    data: Dict[str, Any] = {"command": text}
+    for name, value in (("id", job_id), ("max_retries", max_retries), ("priority", priority),
+                        ("run_at", run_at), ("delay", delay), ("timeout", timeout), ("cwd", cwd),
+                        ("after", after), ("unique_key", unique_key)):
+        if value is not None:
+            data[name] = value
+    _submit([data], [""], if_exists)
+
+
+# -- workers -----------------------------------------------------------------------------------
+def _worker_options(backoff_base: Optional[float]) -> List[str]:
+    if backoff_base is None:
+        return []
+    if not (0 <= backoff_base <= 1000):
+        raise InvalidInput("--backoff-base must be from 0 to 1000")
+    return ["--backoff-base", repr(backoff_base)]
+
+
+def _check_count(count: int) -> None:
+    if not (1 <= count <= 256):
+        raise InvalidInput(f"--count must be from 1 to 256, got {count}")
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--count", "-n", default=1, show_default=True, help="Workers to run attached (Ctrl-C stops).")
+@click.option("--backoff-base", type=float, help="Override config backoff_base for these workers.")
+@click.pass_context
+def worker(ctx: click.Context, count: int, backoff_base: Optional[float]) -> None:
+    """Run workers attached (no subcommand), or manage detached ones.
+
+    \b
+    Examples:
+      queuectl worker start --count 3        # detached; returns at once
+      queuectl worker status
+      queuectl worker stop                   # graceful: current jobs finish
+      queuectl worker -n 4 --backoff-base 3  # attached to this terminal; Ctrl-C stops
+    """
+    if ctx.invoked_subcommand is None:
+        _check_count(count)
+        _queue()  # fail fast (and create the DB) before starting anything
+        from queuectl import worker_launcher
+
+        ctx.exit(worker_launcher.run_attached(_paths(), count, _worker_options(backoff_base)))
+
+
+@worker.command("start")
+@click.option("--count", "-n", default=1, show_default=True, help="How many workers.")
+@click.option("--foreground/--background", default=False,
+              help="Attach to this terminal and log each job (default: detached).")
+@click.option("--backoff-base", type=float, help="Override config backoff_base for these workers.")
+def worker_start(count: int, foreground: bool, backoff_base: Optional[float]) -> None:
+    """Start N workers; detached by default (PID files in workers/, logs in logs/)."""
+    _check_count(count)
+    options = _worker_options(backoff_base)
+    _queue()
+    from queuectl import worker_launcher
+
+    paths = _paths()
+    if foreground:
+        sys.exit(worker_launcher.run_attached(paths, count, options))
+    pids = worker_launcher.start_detached(paths, count, options)
+    click.echo(f"Started {len(pids)} worker(s) in the background with PIDs: {', '.join(map(str, pids))}")
+    click.echo(f"Logs: {paths.logs_dir}/worker-<pid>.log")
+
+
+@worker.command("stop")
+@click.option("--wait", "wait_s", default=10.0, show_default=True, type=float,
+              help="Seconds to wait for workers to finish their current job and exit.")
+@click.option("--force", is_flag=True, help="Kill running jobs (they go back to the retry path).")
+def worker_stop(wait_s: float, force: bool) -> None:
+    """Stop every live worker: SIGTERM, each finishes its current job and exits.
+
+    Stale PID files (dead process, or a PID now used by another program) are removed and
+    never signalled.
+    """
+    from queuectl import worker_launcher
+
+    report = worker_launcher.stop_workers(_paths(), wait=wait_s, force=force)
+    if not report.signalled:
+        click.echo("No running workers.")
+        return
+    click.echo(f"Signal sent to {len(report.signalled)} worker(s): {', '.join(map(str, report.signalled))}")
+    if report.exited:
+        click.echo(f"Stopped: {len(report.exited)}")
+    if report.killed:
+        click.echo(f"Killed after --wait expired: {', '.join(map(str, report.killed))}")
+    if report.running:
+        click.echo(f"Still finishing their current job: {', '.join(map(str, report.running))} "
+                   "(they exit when it ends; --force kills the job)")
+
+
+def _worker_rows() -> List[Dict[str, Any]]:
+    from queuectl import worker_launcher
+
+    workers = worker_launcher.list_workers(_paths())
+    if not workers:
+        return []
+    busy = {row["worker_id"]: row for row in _queue().processing()}
+    now = time.time()
+    rows = []
+    for info in workers:
+        job = busy.get(info.worker_id)
+        rows.append({"pid": info.pid, "state": "busy" if job else "idle",
+                     "job": job["id"] if job else None, "uptime": round(now - info.started_at, 1),
+                     "started_at": info.started_at, "mode": info.mode, "worker_id": info.worker_id})
+    return rows
+
+
+@worker.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def worker_status(as_json: bool) -> None:
+    """List live workers: PID, idle/busy (with job id), uptime."""
+    rows = _worker_rows()
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        click.echo("No running workers.")
+        return
+    _table([[str(r["pid"]), r["state"], r["job"] or "-", format_duration(r["uptime"]), r["mode"]]
+            for r in rows], ["PID", "STATE", "JOB", "UPTIME", "MODE"])
+
+
+# -- inspection --------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """Job counts per state, live workers and whether the queue is paused."""
+    queue = _queue()
+    counts = queue.counts()
+    paused = queue.paused_since()
+    workers = _worker_rows()
+    if as_json:
+        _emit_json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
+                    "paused_since": paused, "workers": workers})
+        return
+    if paused is not None:
+        click.echo(f"Queue: PAUSED since {format_instant(paused)} (workers claim nothing new; "
+                   "'queuectl resume' to continue)")
+    else:
+        click.echo("Queue: running")
+    click.echo("Jobs:")
+    for state in STATE_NAMES:
+        label = "dead (DLQ)" if state == "dead" else state
+        click.echo(f"  {label:<12}{counts[state]:>8}")
+    click.echo(f"  {'total':<12}{sum(counts.values()):>8}")
+    busy = sum(1 for w in workers if w["state"] == "busy")
+    click.echo(f"Workers: {len(workers)} running ({busy} busy, {len(workers) - busy} idle)")
+
+
+@cli.command("list")
+@click.option("--state", "-s", "states", multiple=True,
+              type=click.Choice(STATE_NAMES), help="Only jobs in this state (repeatable).")
+@click.option("--dlq", is_flag=True, help="Only dead jobs (same as --state dead).")
+@click.option("--limit", "-l", default=100, show_default=True, help="Newest N jobs; 0 = all.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool) -> None:
+    """List jobs, oldest first among the newest --limit.
+
+    \b
+    Examples:
+      queuectl list
+      queuectl list --state pending
+      queuectl list --dlq
+      queuectl list --state completed --limit 0 --json
+    """
+    if limit < 0:
+        raise InvalidInput("--limit must be 0 (all) or more")
+    states = tuple(states) + (("dead",) if dlq else ())
+    jobs = _queue().list(states, limit + 1 if limit else 0)
+    more = bool(limit) and len(jobs) > limit
+    jobs = jobs[1:] if more else jobs
+    if as_json:
+        _emit_json([_public(j) for j in jobs])
+        return
+    if not jobs:
+        click.echo("No jobs" + (f" in state {', '.join(states)}." if states else "."))
+        return
+    _job_rows(jobs, with_error=dlq or "dead" in states or "failed" in states)
+    if more:
+        click.echo(f"(showing the newest {limit}; --limit 0 for all)", err=True)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(job_id: str, as_json: bool) -> None:
+    """Everything about one job: state, attempts, next run, last error, exit code, output tail."""
+    info = _queue().details(job_id)
+    if as_json:
+        info["log_file"] = str(_paths().job_log(info["id"]))
+        _emit_json(_public(info))
+        return
+    command = info["command"]
+    lines = [
+        ("id", info["id"]),
+        ("state", info["state"] + (" (cancel requested)" if info["cancel_requested"] else "")),
+        ("command", json.dumps(command) if isinstance(command, list) else command),
+        ("attempts", f"{info['attempts']} (max retries {info['effective_max_retries']}"
+                     f"{'' if info['max_retries'] is not None else ', from config'})"),
+        ("priority", str(info["priority"])),
+        ("timeout", format_duration(info["effective_timeout"]) if info["effective_timeout"] else "none"),
+        ("cwd", info["cwd"] or "-"),
+        ("created", format_instant(info["created_at"])),
+        ("updated", format_instant(info["updated_at"])),
+    ]
+    if info["state"] in ("pending", "failed"):
+        lines.append(("next run", format_instant(info["run_at"])))
+    if info["started_at"]:
+        lines.append(("started", format_instant(info["started_at"])))
+    if info["finished_at"]:
+        lines.append(("finished", format_instant(info["finished_at"])))
+    if info["worker_id"]:
+        lines.append(("worker", info["worker_id"]))
+    if info["after"]:
+        lines.append(("after", ", ".join(info["after"]) + f" ({info['deps_left']} not completed yet)"))
+    if info["unique_key"]:
+        lines.append(("unique key", info["unique_key"]))
+    lines.append(("exit code", "-" if info["exit_code"] is None else str(info["exit_code"])))
+    lines.append(("last error", info["last_error"] or "-"))
+    lines.append(("log file", str(_paths().job_log(info["id"]))))
+    for name, value in lines:
+        click.echo(f"{name + ':':<12} {value}")
+    if info["runs"]:
+        click.echo("runs:")
+        for run in info["runs"]:
+            took = (run["finished_at"] - run["started_at"]) if run["started_at"] and run["finished_at"] else None
+            result = "ok" if run["exit_code"] == 0 and not run["error"] else (run["error"] or f"exit {run['exit_code']}")
+            click.echo(f"  #{run['attempt']:<3} {format_instant(run['started_at'])}  "
+                       f"{format_duration(took):>7}  {result}")
+    if info["output_tail"]:
+        click.echo("output (tail):")
+        for line in info["output_tail"].rstrip("\n").split("\n"):
+            click.echo(f"  {line}")
+
+
+# -- DLQ and retries ---------------------------------------------------------------------------
+@cli.group()
+def dlq() -> None:
+    """The dead letter queue: jobs that failed every retry.
+
+    \b
+    Examples:
+      queuectl dlq list
+      queuectl dlq retry job1
+      queuectl dlq retry --all
+    """
+
+
+@dlq.command("list")
+@click.option("--limit", "-l", default=100, show_default=True, help="Newest N jobs; 0 = all.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def dlq_list(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """List dead jobs with their last error."""
+    ctx.invoke(list_cmd, states=("dead",), dlq=False, limit=limit, as_json=as_json)
+
+
+@dlq.command("retry")
+@click.argument("job_ids", nargs=-1)
+@click.option("--all", "all_dead", is_flag=True, help="Retry every dead job.")
+def dlq_retry(job_ids: Sequence[str], all_dead: bool) -> None:
+    """Move dead jobs back to pending with attempts reset to 0 (alias: queuectl requeue ID)."""
+    if bool(job_ids) == all_dead:
+        raise InvalidInput("give job ids, or --all")
+    ids = _queue().dlq_retry(job_ids, all_dead=all_dead)
+    if not ids:
+        click.echo("The DLQ is empty.")
+    elif len(ids) == 1:
+        click.echo(f"Job {ids[0]} moved from the DLQ back to pending")
+    else:
+        click.echo(f"{len(ids)} jobs moved from the DLQ back to pending")
+
+
+@cli.command("dlq-retry", hidden=True)
+@click.argument("job_ids", nargs=-1, required=True)
+@click.pass_context
+def requeue(ctx: click.Context, job_ids: Sequence[str]) -> None:
+    """Move a dead job back to pending (same as dlq retry)."""
+    ctx.invoke(dlq_retry, job_ids=job_ids, all_dead=False)
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1, required=True)
+def retry(job_ids: Sequence[str]) -> None:
+    """Run failed (waiting) jobs now; dead jobs are requeued as by dlq retry."""
+    ids = _queue().retry(job_ids)
+    click.echo(f"Retrying now: {', '.join(ids)}")
+
+
+# -- config ------------------------------------------------------------------------------------
+@cli.group()
+def config() -> None:
+    """Settings stored in the database; per-job fields override them.
+
+    \b
+    Examples:
+      queuectl config list
+      queuectl config get max_retries
+      queuectl config set max_retries 5          # alias: default_max_retries
+      queuectl config set backoff_base 3
+      queuectl config set job_timeout none
+    """
+
+
+def _config_lines(keys: Optional[Sequence[str]] = None, as_json: bool = False) -> None:
+    from queuectl import config as cfg
+
+    queue = _queue()
+    values = queue.settings(fresh=True)
+    stored = queue.store.config_items()
+    keys = list(keys) if keys else list(cfg.SETTINGS)
+    if as_json:
+        _emit_json({k: values[k] for k in keys})
+        return
+    for key in keys:
+        source = "" if key in stored else "  (default)"
+        click.echo(f"{key} = {cfg.encode(values[key])}{source}")
+
+
+@config.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config_list(as_json: bool) -> None:
+    """Every setting with its current value."""
+    _config_lines(as_json=as_json)
+
+
+@config.command("get")
+@click.argument("key", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config_get(key: Optional[str], as_json: bool) -> None:
+    """One setting (or all, without KEY)."""
+    if key is None:
+        _config_lines(as_json=as_json)
+        return
+    from queuectl import config as cfg
+
+    name = cfg.canonical_key(key)
+    _config_lines([name], as_json=as_json)
+
+
+@config.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("key")
+@click.argument("value", type=click.UNPROCESSED)
+def config_set(key: str, value: str) -> None:
+    """Change a setting (validated; unknown keys are rejected with the list of valid ones)."""
+    from queuectl import config as cfg
+
+    name, parsed = _queue().config_set(key, value)
+    click.echo(f"{name} = {cfg.encode(parsed)}")
+
+
+@config.command("unset")
+@click.argument("key")
+def config_unset(key: str) -> None:
+    """Return a setting to its default."""
+    name = _queue().config_unset(key)
+    click.echo(f"{name} reset to its default")
+
+
+def main() -> None:
+    cli(prog_name="queuectl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""SQLite connections, pragmas and the versioned schema (PRAGMA user_version)."""
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from queuectl.errors import StorageError
+
+# Each entry migrates schema version i to i+1; never edit a released entry, append a new one.
+MIGRATIONS: "list[str]" = [
+    """
+    CREATE TABLE jobs (
+        seq              INTEGER PRIMARY KEY AUTOINCREMENT, -- insertion order; generated ids are str(seq)
+        id               TEXT    NOT NULL UNIQUE,
+        command          TEXT    NOT NULL,              -- shell string, or JSON array when argv = 1
+        argv             INTEGER NOT NULL DEFAULT 0,
+        state            TEXT    NOT NULL,
+        priority         INTEGER NOT NULL DEFAULT 0,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        max_retries      INTEGER,                       -- NULL: the config value
+        timeout          REAL,                          -- NULL: the config value
+        cwd              TEXT,
+        run_at           REAL    NOT NULL,
+        created_at       REAL    NOT NULL,
+        updated_at       REAL    NOT NULL,
+        started_at       REAL,
+        finished_at      REAL,
+        worker_id        TEXT,
+        lease_until      REAL,
+        job_pid          INTEGER,
+        job_pid_start    INTEGER,
+        exit_code        INTEGER,
+        last_error       TEXT,
+        output_tail      TEXT,
+        unique_key       TEXT,
+        deps_left        INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0
+    );
+    -- The claim path: runnable jobs in claim order; completed rows are not in it at all,
+    -- so claiming stays O(log n) however many finished jobs the table holds.
+    CREATE INDEX jobs_ready ON jobs(priority DESC, run_at, seq)
+        WHERE state IN ('pending', 'failed') AND deps_left = 0;
+    CREATE INDEX jobs_state ON jobs(state, seq);
+    CREATE UNIQUE INDEX jobs_unique_key ON jobs(unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('pending', 'failed', 'processing');
+    CREATE TABLE job_deps (
+        dep_id TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        PRIMARY KEY (dep_id, job_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX job_deps_job ON job_deps(job_id);
+    CREATE TABLE job_runs (
+        job_id      TEXT NOT NULL,
+        attempt     INTEGER NOT NULL,
+        worker_id   TEXT,
+        started_at  REAL,
+        finished_at REAL,
+        exit_code   INTEGER,
+        error       TEXT
+    );
+    CREATE INDEX job_runs_job ON job_runs(job_id);
+    CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+BUSY_DEADLINE = 60.0  # seconds a writer keeps retrying a busy database before giving up
+
+
+def is_busy(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def _describe(path: Path, exc: BaseException) -> str:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return (f"{path} is not a valid queuectl database ({text}); "
+                "move it aside or point QUEUECTL_HOME elsewhere")
+    if "readonly" in text or "read-only" in text:
+        return f"database {path} is read-only ({text}); check the permissions of it and its directory"
+    if "unable to open" in text:
+        return f"cannot open database {path} ({text}); check that its directory exists and is writable"
+    return f"database {path}: {text}"
+
+
+class Database:
+    """One SQLite connection in autocommit mode; writes go through ``transaction()``.
+
+    We keep SQLite's own busy handler off (it sleeps at least 1 ms per collision) and retry
+    ``BEGIN IMMEDIATE`` ourselves with sub-millisecond jittered sleeps: under contention
+    this is what keeps many workers fast, and no "database is locked" escapes to a user.
+    """
+
+    def __init__(self, path: "str | os.PathLike[str]", durable: bool = True) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise StorageError(f"cannot create directory {self.path.parent}: {reason}") from None
+        try:
+            self.conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=0,
+                                        check_same_thread=False)
+            # FULL makes an acknowledged enqueue survive power loss; workers use NORMAL:
+            # a lost state change after power loss only means a job runs again.
+            self.conn.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(_describe(self.path, exc)) from None
+        self._in_txn = False
+
+    def _migrate(self) -> None:
+        version = self._retry_read(lambda: self.conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"database {self.path} has schema version {version}, newer than this queuectl "
+                f"supports ({SCHEMA_VERSION}); upgrade queuectl (the file was not modified)")
+        if version == SCHEMA_VERSION:
+            return
+        self._retry_read(lambda: self.conn.execute("PRAGMA journal_mode=WAL").fetchone())
+        self._begin()
+        try:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            for index in range(version, SCHEMA_VERSION):
+                for statement in _statements(MIGRATIONS[index]):
+                    self.conn.execute(statement)
+            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def _begin(self) -> None:
+        deadline = time.monotonic() + BUSY_DEADLINE
+        delay = 0.0001
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.01)
+
+    def _retry_read(self, fn):
+        deadline = time.monotonic() + BUSY_DEADLINE
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.001 * (0.5 + random.random()))
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction; nests by joining the outer one."""
+        if self._in_txn:
+            yield self.conn
+            return
+        try:
+            self._begin()
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(_describe(self.path, exc)) from None
+        self._in_txn = True
+        try:
+            yield self.conn
+        except BaseException:
+            self._in_txn = False
+            self.conn.execute("ROLLBACK")
+            raise
+        self._in_txn = False
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise StorageError(_describe(self.path, exc)) from None
+
+    def read(self, sql: str, params: "tuple | list" = ()) -> "list[tuple]":
+        try:
+            return self._retry_read(lambda: self.conn.execute(sql, params).fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(_describe(self.path, exc)) from None
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits: a cheap 'anything new?' probe."""
+        return self._retry_read(lambda: self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _statements(script: str) -> "list[str]":
+    parts: "list[str]" = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            parts.append(buf.strip())
+            buf = ""
+    return [p for p in parts if p]
+

@@ -1,0 +1,209 @@
+"""Run one job as a child process: its own process group, timeout, output to a file, result.
+
+Also the small process facts other modules need (is this PID still the process we started?).
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
+
+from queuectl import joblog
+
+KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL to a job's process group
+_HAS_PIDFD = hasattr(os, "pidfd_open")
+
+
+@dataclass
+class Outcome:
+    exit_code: Optional[int]
+    error: Optional[str]
+    tail: str = ""
+    cancelled: bool = False
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.error is None
+
+
+# An event handler returns None to keep going, or (reason, cancelled) to kill the job.
+Abort = Optional[Tuple[str, bool]]
+
+
+def spawn(command: str, argv: bool, cwd: Optional[str], out_fd: int) -> subprocess.Popen:
+    """Start a job (or the benchmark's ceiling probe) exactly the way workers do."""
+    import json
+
+    args = json.loads(command) if argv else command
+    return subprocess.Popen(args, shell=not argv, cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=out_fd, stderr=out_fd, start_new_session=True, close_fds=True)
+
+
+def describe_exit(code: int, argv: bool) -> Optional[str]:
+    if code == 0:
+        return None
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    if code == 127 and not argv:
+        return "command not found (exit 127)"
+    if code == 126:
+        return "command not executable (exit 126)"
+    return f"exit code {code}"
+
+
+def _start_error(exc: OSError, command: str, argv: bool, cwd: Optional[str]) -> str:
+    if cwd and not os.path.isdir(cwd):
+        return f"failed to start: working directory {cwd} does not exist"
+    if argv and isinstance(exc, FileNotFoundError):
+        import json
+
+        return f"command not found: {json.loads(command)[0]}"
+    return f"failed to start: {exc.strerror or exc}"
+
+
+def run_job(command: str, argv: bool, cwd: Optional[str], log_path: Path, head: bytes,
+            timeout: Optional[float], env: "dict[str, str]",
+            wake_fds: Sequence[int] = (), on_event: Optional[Callable[[bool], Abort]] = None,
+            tick: float = 1.0, on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> Outcome:
+    """Run to completion, calling ``on_event(woken)`` when a wake fd is readable or every ``tick``."""
+    started = time.monotonic()
+    fd, offset = joblog.open_for_attempt(log_path, head)
+    try:
+        os.environ.update(env)
+        try:
+            proc = spawn(command, argv, cwd, fd)
+        except OSError as exc:
+            message = _start_error(exc, command, argv, cwd)
+            os.write(fd, f"queuectl: {message}\n".encode())
+            return Outcome(None, message, joblog.read_tail(log_path, offset),
+                           duration=time.monotonic() - started)
+    finally:
+        os.close(fd)
+    if on_start:
+        on_start(proc)
+    abort = _supervise(proc, started, timeout, wake_fds, on_event, tick)
+    code = proc.returncode
+    tail = joblog.read_tail(log_path, offset)
+    duration = time.monotonic() - started
+    if abort is not None:
+        reason, cancelled = abort
+        with open(log_path, "ab") as handle:
+            handle.write(f"\nqueuectl: {reason}\n".encode())
+        return Outcome(code, reason, tail, cancelled=cancelled, duration=duration)
+    return Outcome(code, describe_exit(code, argv), tail, duration=duration)
+
+
+def _supervise(proc: subprocess.Popen, started: float, timeout: Optional[float],
+               wake_fds: Sequence[int], on_event: Optional[Callable[[bool], Abort]],
+               tick: float) -> Abort:
+    pidfd = os.pidfd_open(proc.pid) if _HAS_PIDFD else None
+    try:
+        deadline = started + timeout if timeout else None
+        next_tick = started + tick
+        while True:
+            now = time.monotonic()
+            wait = next_tick - now
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            woken = False
+            if pidfd is not None:
+                ready, _, _ = select.select([pidfd, *wake_fds], [], [], max(wait, 0))
+                woken = any(fd != pidfd for fd in ready)
+            else:
+                ready, _, _ = select.select(list(wake_fds), [], [], min(max(wait, 0), 0.01))
+                woken = bool(ready)
+            if proc.poll() is not None:
+                return None
+            now = time.monotonic()
+            abort: Abort = None
+            if deadline is not None and now >= deadline:
+                abort = (f"timed out after {timeout:g}s", False)
+            elif on_event is not None and (woken or now >= next_tick):
+                abort = on_event(woken)
+            if now >= next_tick:
+                next_tick = now + tick
+            if abort is not None:
+                terminate_group(proc)
+                return abort
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def terminate_group(proc: subprocess.Popen, grace: float = KILL_GRACE) -> None:
+    """SIGTERM the job's whole process group, SIGKILL whatever is left after ``grace``."""
+    _killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    _killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- process identity ------------------------------------------------------------------------
+def process_start_time(pid: int) -> Optional[int]:
+    """Start time of ``pid`` in clock ticks since boot (Linux); None if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if os.path.isdir("/proc"):
+        return process_start_time(pid) is not None  # zombies count as dead
+    return True
+
+
+def pid_matches(pid: int, start: Optional[int]) -> bool:
+    """True if ``pid`` is alive and is the same process that had start time ``start``."""
+    if not pid_alive(pid):
+        return False
+    if start is None or not os.path.isdir("/proc"):
+        return True
+    return process_start_time(pid) == start
+
+
+def kill_orphan_group(pid: int, start: Optional[int]) -> None:
+    """Kill a job's process group left behind by a dead worker, if that leader is still it."""
+    if start is not None and pid_matches(pid, start):
+        _killpg(pid, signal.SIGKILL)

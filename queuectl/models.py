@@ -1,0 +1,410 @@
+"""Job lifecycle rules: enqueue, claim, finish, retry/backoff, DLQ, cancel, recovery, purge.
+
+Everything here is a function of (store, clock); no SQL, no processes, no printing.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+from queuectl import config as cfg
+from queuectl.errors import Conflict, InvalidInput, NotFound
+from queuectl.jobspec import validate_id
+
+if TYPE_CHECKING:  # pragma: no cover
+    from queuectl.sqlite_store import SqliteStore
+
+STATES = ("pending", "processing", "completed", "failed", "dead", "cancelled")
+WAITING = ("pending", "failed")             # may still be claimed
+ACTIVE = ("pending", "failed", "processing")
+TERMINAL = ("completed", "dead", "cancelled")
+
+
+def backoff_delay(attempts: int, base: float, cap: float) -> float:
+    """Seconds to wait before the next run after ``attempts`` runs: min(base**attempts, cap)."""
+    try:
+        delay = float(base) ** attempts
+    except OverflowError:
+        return float(cap)
+    return min(delay, float(cap))
+
+
+@dataclass
+class Enqueued:
+    id: str
+    created: bool  # False when --if-exists skip found an active job with the same unique key
+
+
+class Queue:
+    """The queue's rules over one store. ``notify`` wakes idle workers after a commit."""
+
+    def __init__(self, store: "SqliteStore", *, clock: Callable[[], float] = time.time,
+                 notify: Optional[Callable[[], None]] = None,
+                 overrides: Optional[Dict[str, Any]] = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.notify = notify or (lambda: None)
+        self.overrides = overrides or {}
+        self._settings: Optional[Dict[str, Any]] = None
+        self._settings_at = 0.0
+
+    # -- configuration --------------------------------------------------------------------
+    def settings(self, fresh: bool = False) -> Dict[str, Any]:
+        """Effective settings, re-read at most once a second (workers call this per job)."""
+        now = time.monotonic()
+        if fresh or self._settings is None or now - self._settings_at > 1.0:
+            self._settings = cfg.effective(self.store.config_items(), self.overrides)
+            self._settings_at = now
+        return self._settings
+
+    def config_set(self, key: str, raw: Any) -> "tuple[str, Any]":
+        name = cfg.canonical_key(key)
+        value = cfg.parse_value(name, raw)
+        with self.store.transaction():
+            self.store.config_set(name, cfg.encode(value))
+        self._settings = None
+        return name, value
+
+    def config_get(self, key: str) -> "tuple[str, Any]":
+        name = cfg.canonical_key(key)
+        return name, self.settings(fresh=True)[name]
+
+    def config_unset(self, key: str) -> str:
+        name = cfg.canonical_key(key)
+        with self.store.transaction():
+            self.store.config_unset(name)
+        self._settings = None
+        return name
+
+    # -- enqueue --------------------------------------------------------------------------
+    def enqueue(self, specs: Sequence[Dict[str, Any]], *, if_exists: str = "error") -> List[Enqueued]:
+        """Insert validated specs (see jobspec.parse_job) in ONE transaction: all or nothing.
+
+        An error about spec i carries ``index = i`` so a caller can name the input line.
+        """
+        now = self.clock()
+        with self.store.transaction():
+            results = self._enqueue_locked(specs, now, if_exists)
+        if any(r.created for r in results):
+            self.notify()
+        return results
+
+    def _enqueue_locked(self, specs: Sequence[Dict[str, Any]], now: float,
+                        if_exists: str) -> List[Enqueued]:
+        store = self.store
+        user_ids = [s["id"] for s in specs if s["id"] is not None]
+        existing = store.states_of(user_ids) if user_ids else {}
+        seen: Dict[str, int] = {}
+        keys_in_batch: Dict[str, str] = {}
+        dep_ids = {d for s in specs for d in s["after"]}
+        dep_states = store.states_of(sorted(dep_ids)) if dep_ids else {}
+        seq = store.last_seq()
+        rows: List[tuple] = []
+        deps: List[tuple] = []
+        results: List[Enqueued] = []
+        for index, spec in enumerate(specs):
+            try:
+                job_id = spec["id"]
+                if job_id is not None and (job_id in existing or job_id in seen):
+                    raise Conflict(f"job {job_id!r} already exists")
+                key = spec["unique_key"]
+                if key is not None:
+                    holder = keys_in_batch.get(key) or store.active_with_key(key)
+                    if holder is not None:
+                        if if_exists == "skip":
+                            results.append(Enqueued(holder, False))
+                            continue
+                        raise Conflict(f"unique key {key!r} is held by active job {holder!r}")
+                deps_left = 0
+                for dep in spec["after"]:
+                    state = "pending" if dep in seen else dep_states.get(dep)
+                    if state is None:
+                        raise NotFound(f"unknown job {dep!r} in after")
+                    if state in ("dead", "cancelled"):
+                        raise Conflict(f"job {dep!r} in after is {state}; the new job could never run")
+                    if state != "completed":
+                        deps_left += 1
+                seq += 1
+                if job_id is None:
+                    job_id = str(seq)
+            except (Conflict, NotFound, InvalidInput) as exc:
+                exc.index = index  # type: ignore[attr-defined]
+                raise
+            seen[job_id] = index
+            if key is not None:
+                keys_in_batch[key] = job_id
+            deps.extend((dep, job_id) for dep in spec["after"])
+            rows.append((seq, job_id, spec["command"], spec["argv"], "pending", spec["priority"],
+                         spec["max_retries"], spec["timeout"], spec["cwd"], spec["run_at"], now, now,
+                         key, deps_left))
+            results.append(Enqueued(job_id, True))
+        store.insert_jobs(rows)
+        if deps:
+            store.insert_deps(deps)
+        return results
+
+    # -- worker side ----------------------------------------------------------------------
+    def paused(self) -> bool:
+        return self.store.flag("paused") is not None
+
+    def has_ready(self) -> bool:
+        return self.store.has_ready(self.clock())
+
+    def next_run_at(self) -> Optional[float]:
+        return self.store.next_run_at()
+
+    def claim(self, worker_id: str) -> Optional[Dict[str, Any]]:
+        with self.store.transaction():
+            return self._claim_locked(worker_id)
+
+    def _claim_locked(self, worker_id: str) -> Optional[Dict[str, Any]]:
+        if self.store.flag("paused") is not None:
+            return None
+        now = self.clock()
+        return self.store.claim(worker_id, now, now + self.settings()["lease_seconds"])
+
+    def job_timeout(self, job: Dict[str, Any]) -> Optional[float]:
+        return job["timeout"] if job["timeout"] is not None else self.settings()["job_timeout"]
+
+    def finish(self, job: Dict[str, Any], outcome: Any, worker_id: str,
+               claim_next: bool = False) -> "tuple[str, Optional[Dict[str, Any]]]":
+        """Record a run's outcome and, in the same short transaction, claim the next job.
+
+        Returns (new state of the finished job or 'lost', next job or None). 'lost' means
+        the job was taken from us (lease expired and recovered) and the result is dropped.
+        """
+        now = self.clock()
+        with self.store.transaction():
+            state = self._finish_locked(job, outcome, worker_id, now)
+            nxt = self._claim_locked(worker_id) if claim_next else None
+        if self._wake_after_commit:
+            self._wake_after_commit = False
+            self.notify()
+        return state, nxt
+
+    _wake_after_commit = False
+
+    def _finish_locked(self, job: Dict[str, Any], outcome: Any, worker_id: str, now: float) -> str:
+        fields: Dict[str, Any] = {
+            "finished_at": now, "updated_at": now, "lease_until": None, "job_pid": None,
+            "job_pid_start": None, "exit_code": outcome.exit_code, "output_tail": outcome.tail,
+        }
+        if outcome.cancelled:
+            fields.update(state="cancelled", last_error=outcome.error or "cancelled while running")
+        elif outcome.ok:
+            fields.update(state="completed", last_error=None)
+        else:
+            fields.update(self._failure_fields(job, outcome.error, now))
+        if not self.store.update_job(job["id"], fields, states=("processing",), worker_id=worker_id):
+            return "lost"
+        self.store.add_run(job["id"], job["attempts"], worker_id, job["started_at"], now,
+                           outcome.exit_code, fields.get("last_error"))
+        self._after_state_change(job["id"], fields["state"], now)
+        return fields["state"]
+
+    def _failure_fields(self, job: Dict[str, Any], error: str, now: float) -> Dict[str, Any]:
+        settings = self.settings()
+        max_retries = job["max_retries"] if job["max_retries"] is not None else settings["max_retries"]
+        if job["attempts"] > max_retries:
+            return {"state": "dead", "last_error": error}
+        delay = backoff_delay(job["attempts"], settings["backoff_base"], settings["backoff_max"])
+        return {"state": "failed", "last_error": error, "run_at": now + delay}
+
+    def _after_state_change(self, job_id: str, state: str, now: float) -> None:
+        if state == "completed":
+            if self.store.release_dependents(job_id, now):
+                self._wake_after_commit = True
+        elif state in ("dead", "cancelled"):
+            self._cascade_cancel(job_id, state, now)
+
+    def _cascade_cancel(self, job_id: str, state: str, now: float) -> None:
+        todo = [(job_id, state)]
+        while todo:
+            dep, dep_state = todo.pop()
+            for child in self.store.dependents(dep, WAITING):
+                reason = f"dependency {dep!r} is {dep_state}"
+                if self.store.update_job(child, {"state": "cancelled", "last_error": reason,
+                                                 "finished_at": now, "updated_at": now},
+                                         states=WAITING):
+                    todo.append((child, "cancelled"))
+
+    def heartbeat(self, job: Dict[str, Any], worker_id: str, pid: Optional[int] = None,
+                  pid_start: Optional[int] = None) -> "tuple[bool, bool]":
+        """Renew our lease. Returns (still ours, cancel requested)."""
+        now = self.clock()
+        fields: Dict[str, Any] = {"lease_until": now + self.settings()["lease_seconds"]}
+        if pid is not None:
+            fields.update(job_pid=pid, job_pid_start=pid_start)
+        with self.store.transaction():
+            ours = bool(self.store.update_job(job["id"], fields, states=("processing",),
+                                              worker_id=worker_id))
+        return ours, ours and self.cancel_requested(job["id"])
+
+    def cancel_requested(self, job_id: str) -> bool:
+        row = self.store.get(job_id)
+        return bool(row and row["cancel_requested"])
+
+    def recover(self, worker_alive: Callable[[str], bool],
+                kill_orphan: Optional[Callable[[int, Optional[int]], None]] = None) -> List[str]:
+        """Return jobs whose worker died (process gone or lease expired) to the retry path."""
+        now = self.clock()
+        recovered = []
+        for row in self.store.processing():
+            if row["lease_until"] is not None and row["lease_until"] < now:
+                reason = "worker died (lease expired)"
+            elif not worker_alive(row["worker_id"] or ""):
+                reason = "worker died (process gone)"
+            else:
+                continue
+            if kill_orphan and row["job_pid"]:
+                kill_orphan(row["job_pid"], row["job_pid_start"])
+            with self.store.transaction():
+                job = self.store.get(row["id"])
+                if not job or job["state"] != "processing" or job["worker_id"] != row["worker_id"]:
+                    continue
+                if job["cancel_requested"]:
+                    fields = {"state": "cancelled", "last_error": "cancelled (its worker died)"}
+                else:
+                    fields = self._failure_fields(job, reason, now)
+                fields.update(finished_at=now, updated_at=now, lease_until=None, job_pid=None,
+                              job_pid_start=None, exit_code=None)
+                if self.store.update_job(job["id"], fields, states=("processing",),
+                                         worker_id=row["worker_id"]):
+                    self.store.add_run(job["id"], job["attempts"], job["worker_id"], job["started_at"],
+                                       now, None, fields["last_error"])
+                    self._after_state_change(job["id"], fields["state"], now)
+                    recovered.append(job["id"])
+        if recovered:
+            self.notify()
+        return recovered
+
+    # -- operator side --------------------------------------------------------------------
+    def get(self, job_id: str) -> Dict[str, Any]:
+        validate_id(job_id, new=False)
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r}")
+        return job
+
+    def details(self, job_id: str) -> Dict[str, Any]:
+        """A job with its dependencies, run history and effective retry/timeout settings."""
+        job = self.get(job_id)
+        settings = self.settings()
+        info = dict(job)
+        info["command"] = json.loads(job["command"]) if job["argv"] else job["command"]
+        info["effective_max_retries"] = (job["max_retries"] if job["max_retries"] is not None
+                                         else settings["max_retries"])
+        info["effective_timeout"] = self.job_timeout(job)
+        info["after"] = self.store.dependencies(job_id)
+        info["runs"] = self.store.runs(job_id)
+        return info
+
+    def states(self, ids: Sequence[str]) -> Dict[str, str]:
+        return self.store.states_of(list(ids))
+
+    def counts(self) -> Dict[str, int]:
+        found = self.store.counts()
+        return {state: found.get(state, 0) for state in STATES}
+
+    def list(self, states: Sequence[str] = (), limit: int = 0) -> List[Dict[str, Any]]:
+        for state in states:
+            if state not in STATES:
+                raise InvalidInput(f"unknown state {state!r}; valid states: {', '.join(STATES)}")
+        return self.store.list_jobs(states, limit)
+
+    def processing(self) -> List[Dict[str, Any]]:
+        return self.store.processing()
+
+    def _load(self, ids: Iterable[str]) -> List[Dict[str, Any]]:
+        return [self.get(job_id) for job_id in dict.fromkeys(ids)]
+
+    def dlq_retry(self, ids: Sequence[str] = (), all_dead: bool = False) -> List[str]:
+        """Dead jobs back to pending with attempts reset; all or nothing."""
+        now = self.clock()
+        with self.store.transaction():
+            jobs = self.store.list_jobs(("dead",)) if all_dead else self._load(ids)
+            for job in jobs:
+                if job["state"] != "dead":
+                    raise Conflict(f"job {job['id']!r} is {job['state']}, not dead; "
+                                   "only jobs in the DLQ can be retried with dlq retry")
+                self._requeue(job, now, reset_attempts=True)
+        if jobs:
+            self.notify()
+        return [job["id"] for job in jobs]
+
+    def retry(self, ids: Sequence[str]) -> List[str]:
+        """Run failed (waiting) jobs now; dead jobs are requeued as by dlq retry."""
+        now = self.clock()
+        with self.store.transaction():
+            jobs = self._load(ids)
+            for job in jobs:
+                if job["state"] not in ("failed", "dead"):
+                    raise Conflict(f"job {job['id']!r} is {job['state']}; only failed or dead jobs "
+                                   "can be retried")
+                self._requeue(job, now, reset_attempts=job["state"] == "dead")
+        self.notify()
+        return [job["id"] for job in jobs]
+
+    def _requeue(self, job: Dict[str, Any], now: float, reset_attempts: bool) -> None:
+        key = job["unique_key"]
+        if key is not None and job["state"] == "dead":
+            holder = self.store.active_with_key(key)
+            if holder is not None:
+                raise Conflict(f"unique key {key!r} is held by active job {holder!r}")
+        fields: Dict[str, Any] = {"state": "pending", "run_at": now, "updated_at": now,
+                                  "finished_at": None}
+        if reset_attempts:
+            fields["attempts"] = 0
+        self.store.update_job(job["id"], fields, states=(job["state"],))
+
+    def cancel(self, ids: Sequence[str]) -> Dict[str, str]:
+        """Waiting jobs become cancelled now; running ones are flagged and killed by their worker."""
+        now = self.clock()
+        result: Dict[str, str] = {}
+        with self.store.transaction():
+            jobs = self._load(ids)
+            for job in jobs:
+                if job["state"] in TERMINAL:
+                    raise Conflict(f"job {job['id']!r} is already {job['state']}")
+            for job in jobs:
+                if job["state"] == "processing":
+                    self.store.update_job(job["id"], {"cancel_requested": 1, "updated_at": now},
+                                          states=("processing",))
+                    result[job["id"]] = "cancelling"
+                else:
+                    self.store.update_job(job["id"], {"state": "cancelled", "finished_at": now,
+                                                      "updated_at": now,
+                                                      "last_error": "cancelled by user"},
+                                          states=WAITING)
+                    self._cascade_cancel(job["id"], "cancelled", now)
+                    result[job["id"]] = "cancelled"
+        if "cancelling" in result.values():
+            self.notify()
+        return result
+
+    def pause(self) -> None:
+        with self.store.transaction():
+            if self.store.flag("paused") is None:
+                self.store.set_flag("paused", str(self.clock()))
+
+    def resume(self) -> None:
+        with self.store.transaction():
+            self.store.set_flag("paused", None)
+        self.notify()
+
+    def paused_since(self) -> Optional[float]:
+        value = self.store.flag("paused")
+        return float(value) if value is not None else None
+
+    def purge(self, states: Sequence[str], older_than: float = 0.0) -> List[str]:
+        """Delete finished jobs (never waiting or running ones); returns the deleted ids."""
+        for state in states:
+            if state not in TERMINAL:
+                raise InvalidInput(f"purge only removes {', '.join(TERMINAL)} jobs, not {state!r}")
+        cutoff = self.clock() - older_than
+        with self.store.transaction():
+            ids = self.store.finished_before(states, cutoff)
+            self.store.delete_jobs(ids)
+        return ids

@@ -1,0 +1,202 @@
+"""SQLite implementation of the storage interface: it only moves rows, models hold the rules.
+
+A second backend (e.g. PostgreSQL) implements the same public methods in a module of its own.
+Methods that change rows must run inside ``transaction()``; reads may run anywhere.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, ContextManager, Iterable, Sequence
+
+from queuectl.database import Database
+
+INSERT_COLUMNS = ("seq", "id", "command", "argv", "state", "priority", "max_retries", "timeout", "cwd",
+                  "run_at", "created_at", "updated_at", "unique_key", "deps_left")
+_INSERT_SQL = (f"INSERT INTO jobs ({', '.join(INSERT_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(INSERT_COLUMNS))})")
+# Must repeat the WHERE of the jobs_ready partial index term for term so SQLite uses it.
+_READY = "state IN ('pending', 'failed') AND deps_left = 0"
+_CLAIM_SQL = f"SELECT seq FROM jobs WHERE {_READY} AND run_at <= ? ORDER BY priority DESC, run_at, seq LIMIT 1"
+_CHUNK = 500
+
+
+def _dicts(cursor: sqlite3.Cursor) -> "list[dict[str, Any]]":
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+class SqliteStore:
+    """Every SQL statement about jobs, config and flags lives here."""
+
+    def __init__(self, path: "str | os.PathLike[str]", durable: bool = True) -> None:
+        self.db = Database(path, durable=durable)
+        self.conn = self.db.conn
+
+    # -- plumbing -------------------------------------------------------------------------
+    def transaction(self) -> ContextManager[sqlite3.Connection]:
+        return self.db.transaction()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def data_version(self) -> int:
+        return self.db.data_version()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> "list[dict[str, Any]]":
+        return self.db._retry_read(lambda: _dicts(self.conn.execute(sql, params)))
+
+    # -- jobs: writes ---------------------------------------------------------------------
+    def insert_jobs(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Rows are tuples in INSERT_COLUMNS order. Raises sqlite3.IntegrityError on duplicates."""
+        self.conn.executemany(_INSERT_SQL, rows)
+
+    def last_seq(self) -> int:
+        """Highest sequence number ever used (never reused, even after purge)."""
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+        return row[0] if row else 0
+
+    def insert_deps(self, pairs: Iterable[Sequence[str]]) -> None:
+        """Pairs of (dep_id, job_id): job_id waits for dep_id."""
+        self.conn.executemany("INSERT OR IGNORE INTO job_deps (dep_id, job_id) VALUES (?, ?)", pairs)
+
+    def claim(self, worker_id: str, now: float, lease_until: float) -> "dict[str, Any] | None":
+        row = self.conn.execute(_CLAIM_SQL, (now,)).fetchone()
+        if row is None:
+            return None
+        self.conn.execute(
+            "UPDATE jobs SET state = 'processing', attempts = attempts + 1, worker_id = ?, "
+            "started_at = ?, finished_at = NULL, lease_until = ?, updated_at = ?, "
+            "job_pid = NULL, job_pid_start = NULL, exit_code = NULL WHERE seq = ?",
+            (worker_id, now, lease_until, now, row[0]))
+        return _dicts(self.conn.execute("SELECT * FROM jobs WHERE seq = ?", (row[0],)))[0]
+
+    def has_ready(self, now: float) -> bool:
+        """Lock-free probe so idle workers only take the write lock when work is due."""
+        return bool(self.db._retry_read(lambda: self.conn.execute(_CLAIM_SQL, (now,)).fetchone()))
+
+    def next_run_at(self) -> "float | None":
+        rows = self.db.read(f"SELECT min(run_at) FROM jobs WHERE {_READY}")
+        return rows[0][0] if rows else None
+
+    def update_job(self, job_id: str, fields: "dict[str, Any]", *, states: Sequence[str] = (),
+                   worker_id: "str | None" = None) -> int:
+        """Update one job if it is (still) in one of ``states`` and owned by ``worker_id``."""
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        sql = f"UPDATE jobs SET {sets} WHERE id = ?"
+        params: "list[Any]" = [*fields.values(), job_id]
+        if states:
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            params.extend(states)
+        if worker_id is not None:
+            sql += " AND worker_id = ?"
+            params.append(worker_id)
+        return self.conn.execute(sql, params).rowcount
+
+    def add_run(self, job_id: str, attempt: int, worker_id: "str | None", started_at: "float | None",
+                finished_at: float, exit_code: "int | None", error: "str | None") -> None:
+        self.conn.execute(
+            "INSERT INTO job_runs (job_id, attempt, worker_id, started_at, finished_at, exit_code, error) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job_id, attempt, worker_id, started_at, finished_at, exit_code, error))
+
+    def release_dependents(self, dep_id: str, now: float) -> int:
+        """One dependency of each job waiting on ``dep_id`` is now satisfied."""
+        return self.conn.execute(
+            "UPDATE jobs SET deps_left = deps_left - 1, updated_at = ? "
+            "WHERE id IN (SELECT job_id FROM job_deps WHERE dep_id = ?) AND deps_left > 0 "
+            "AND state IN ('pending', 'failed')", (now, dep_id)).rowcount
+
+    def delete_jobs(self, ids: Sequence[str]) -> int:
+        deleted = 0
+        for start in range(0, len(ids), _CHUNK):
+            chunk = list(ids[start:start + _CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            deleted += self.conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk).rowcount
+            self.conn.execute(f"DELETE FROM job_runs WHERE job_id IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM job_deps WHERE job_id IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM job_deps WHERE dep_id IN ({marks})", chunk)
+        return deleted
+
+    # -- jobs: reads ----------------------------------------------------------------------
+    def get(self, job_id: str) -> "dict[str, Any] | None":
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def states_of(self, ids: Sequence[str]) -> "dict[str, str]":
+        found: "dict[str, str]" = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = list(ids[start:start + _CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            for job_id, state in self.db.read(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk):
+                found[job_id] = state
+        return found
+
+    def active_with_key(self, unique_key: str) -> "str | None":
+        rows = self.db.read("SELECT id FROM jobs WHERE unique_key = ? AND state IN "
+                            "('pending', 'failed', 'processing')", (unique_key,))
+        return rows[0][0] if rows else None
+
+    def dependents(self, dep_id: str, states: Sequence[str]) -> "list[str]":
+        marks = ", ".join("?" * len(states))
+        rows = self.db.read(
+            f"SELECT j.id FROM job_deps d JOIN jobs j ON j.id = d.job_id "
+            f"WHERE d.dep_id = ? AND j.state IN ({marks}) ORDER BY j.seq", (dep_id, *states))
+        return [r[0] for r in rows]
+
+    def dependencies(self, job_id: str) -> "list[str]":
+        return [r[0] for r in self.db.read("SELECT dep_id FROM job_deps WHERE job_id = ?", (job_id,))]
+
+    def runs(self, job_id: str) -> "list[dict[str, Any]]":
+        return self._query("SELECT attempt, worker_id, started_at, finished_at, exit_code, error "
+                           "FROM job_runs WHERE job_id = ? ORDER BY rowid", (job_id,))
+
+    def processing(self) -> "list[dict[str, Any]]":
+        return self._query("SELECT id, worker_id, lease_until, job_pid, job_pid_start, attempts, "
+                           "started_at FROM jobs WHERE state = 'processing' ORDER BY seq")
+
+    def counts(self) -> "dict[str, int]":
+        return dict(self.db.read("SELECT state, count(*) FROM jobs GROUP BY state"))
+
+    def list_jobs(self, states: Sequence[str] = (), limit: int = 0) -> "list[dict[str, Any]]":
+        """Newest ``limit`` jobs (0 = all) in the given states, oldest first."""
+        sql = "SELECT * FROM jobs"
+        params: "list[Any]" = []
+        if states:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            params.extend(states)
+        sql += " ORDER BY seq DESC"
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
+        rows = self._query(sql, params)
+        rows.reverse()
+        return rows
+
+    def finished_before(self, states: Sequence[str], before: float) -> "list[str]":
+        marks = ", ".join("?" * len(states))
+        rows = self.db.read(f"SELECT id FROM jobs WHERE state IN ({marks}) "
+                            f"AND coalesce(finished_at, updated_at) < ? ORDER BY seq", (*states, before))
+        return [r[0] for r in rows]
+
+    # -- config and flags -----------------------------------------------------------------
+    def config_items(self) -> "dict[str, str]":
+        return dict(self.db.read("SELECT key, value FROM config"))
+
+    def config_set(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT INTO config (key, value) VALUES (?, ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def config_unset(self, key: str) -> None:
+        self.conn.execute("DELETE FROM config WHERE key = ?", (key,))
+
+    def flag(self, key: str) -> "str | None":
+        rows = self.db.read("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_flag(self, key: str, value: "str | None") -> None:
+        if value is None:
+            self.conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self.conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                              "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))

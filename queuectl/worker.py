@@ -1,0 +1,235 @@
+"""One worker process: claim → run → record, with heartbeats, recovery and graceful signals.
+
+Run as ``python -m queuectl.worker --home DIR``; ``queuectl worker start`` does that for you.
+SIGTERM/SIGINT: finish the current job, then exit 0. A second one, or SIGUSR1: kill the
+job's process group, send the job back to the retry path, exit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any, Dict, Optional
+
+from queuectl import executor, joblog, wakeup, worker_launcher
+from queuectl.errors import QueueError
+from queuectl.models import Queue
+from queuectl.paths import Paths
+from queuectl.sqlite_store import SqliteStore
+
+RECOVER_EVERY = 2.0  # seconds between checks for jobs whose worker died
+HEARTBEAT_EVERY = 1.0
+
+log = logging.getLogger("queuectl.worker")
+
+
+class Worker:
+    def __init__(self, paths: Paths, overrides: Optional[Dict[str, Any]] = None,
+                 foreground: bool = False) -> None:
+        self.paths = paths
+        self.overrides = overrides or {}
+        self.foreground = foreground
+        self.pid = os.getpid()
+        self.stop_requests = 0
+        self.force = False
+
+    # -- signals --------------------------------------------------------------------------
+    def _on_stop(self, signum: int, _frame: Any) -> None:
+        self.stop_requests += 1
+        if self.stop_requests > 1:
+            self.force = True
+
+    def _on_force(self, signum: int, _frame: Any) -> None:
+        self.stop_requests += 1
+        self.force = True
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_requests > 0
+
+    def _install_signals(self) -> None:
+        self._sig_r, sig_w = os.pipe()
+        os.set_blocking(self._sig_r, False)
+        os.set_blocking(sig_w, False)
+        signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGUSR1, self._on_force)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self._sig_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self.doorbell.drain()
+
+    # -- main loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        paths = self.paths
+        for directory in (paths.workers_dir, paths.job_logs_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        record = worker_launcher.write_pid_file(paths, self.pid, "foreground" if self.foreground else "detached")
+        self.worker_id = record["worker_id"]
+        self.doorbell = wakeup.Doorbell(paths.workers_dir, self.pid)
+        store = SqliteStore(paths.db, durable=False)
+        self.queue = Queue(store, notify=lambda: wakeup.ring(paths.workers_dir), overrides=self.overrides)
+        log.info("worker %s started (pid %d, db %s)", self.worker_id, self.pid, paths.db)
+        try:
+            self._loop()
+        finally:
+            self.doorbell.close()
+            worker_launcher.remove_pid_file(paths, self.pid)
+            store.close()
+            log.info("worker %d stopped", self.pid)
+        return 0
+
+    def _loop(self) -> None:
+        next_recovery = 0.0
+        job: Optional[Dict[str, Any]] = None
+        while not self.stopping:
+            try:
+                if time.monotonic() >= next_recovery:
+                    self._recover()
+                    next_recovery = time.monotonic() + RECOVER_EVERY
+                if job is None:
+                    job = self._try_claim()
+                if job is None:
+                    self._wait_for_work(next_recovery)
+                    continue
+                outcome = self._execute(job)
+                job = self._finish(job, outcome)
+            except QueueError as exc:  # storage trouble: say so, back off, keep going
+                log.error("%s", exc)
+                self._sleep(1.0)
+            except Exception:  # never let one bad job or bug kill the worker
+                log.exception("unexpected error in worker loop")
+                self._sleep(1.0)
+
+    def _recover(self) -> None:
+        for job_id in self.queue.recover(self._worker_alive, executor.kill_orphan_group):
+            log.warning("job %s: its worker died; returned to the retry path", job_id)
+
+    def _worker_alive(self, worker_id: str) -> bool:
+        return worker_id == self.worker_id or worker_launcher.worker_alive(worker_id)
+
+    def _try_claim(self) -> Optional[Dict[str, Any]]:
+        while self.queue.has_ready():
+            job = self.queue.claim(self.worker_id)
+            if job is not None or self.queue.paused():
+                return job
+        return None
+
+    def _wait_for_work(self, next_recovery: float) -> None:
+        settings = self.queue.settings()
+        timeout = min(settings["poll_interval"], max(next_recovery - time.monotonic(), 0.0))
+        if not self.queue.paused():
+            due = self.queue.next_run_at()
+            if due is not None:
+                timeout = min(timeout, max(due - time.time(), 0.001))
+        self._sleep(timeout)
+
+    def _sleep(self, timeout: float) -> None:
+        """Wait for a doorbell, a signal or the timeout, whichever comes first."""
+        if self.stopping:
+            return
+        ready, _, _ = select.select([self.doorbell.fd, self._sig_r], [], [], timeout)
+        if ready:
+            self._drain()
+
+    # -- one job --------------------------------------------------------------------------
+    def _execute(self, job: Dict[str, Any]) -> executor.Outcome:
+        queue = self.queue
+        started = {"proc": None, "pid_sent": False, "last_beat": time.monotonic()}
+        if self.foreground:
+            log.info("job %s: attempt %d started: %s", job["id"], job["attempts"], job["command"])
+
+        def on_start(proc: Any) -> None:
+            started["proc"] = proc
+
+        def on_event(woken: bool) -> executor.Abort:
+            if woken:
+                self._drain()
+            if self.force:
+                return ("worker stopped (forced); job killed", False)
+            now = time.monotonic()
+            if now - started["last_beat"] >= HEARTBEAT_EVERY:
+                started["last_beat"] = now
+                pid = pid_start = None
+                proc = started["proc"]
+                if proc is not None and not started["pid_sent"]:
+                    pid, pid_start = proc.pid, executor.process_start_time(proc.pid)
+                    started["pid_sent"] = True
+                ours, cancel = queue.heartbeat(job, self.worker_id, pid, pid_start)
+                if not ours:
+                    return ("lease lost: the job was recovered elsewhere; this run was killed", False)
+            elif woken:
+                cancel = queue.cancel_requested(job["id"])
+            else:
+                cancel = False
+            if cancel:
+                return ("cancelled by user while running", True)
+            return None
+
+        env = {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"]),
+               "QUEUECTL_HOME": str(self.paths.home)}
+        head = joblog.header(job["id"], job["attempts"], self.worker_id, job["command"])
+        return executor.run_job(job["command"], bool(job["argv"]), job["cwd"],
+                                self.paths.job_log(job["id"]), head, queue.job_timeout(job), env,
+                                wake_fds=(self.doorbell.fd, self._sig_r), on_event=on_event,
+                                tick=HEARTBEAT_EVERY, on_start=on_start)
+
+    def _finish(self, job: Dict[str, Any], outcome: executor.Outcome) -> Optional[Dict[str, Any]]:
+        for attempt in range(30):
+            try:
+                state, nxt = self.queue.finish(job, outcome, self.worker_id, claim_next=not self.stopping)
+                break
+            except QueueError as exc:
+                log.error("job %s: could not record the result (%s); retrying", job["id"], exc)
+                time.sleep(min(0.1 * (attempt + 1), 2.0))
+        else:
+            log.error("job %s: giving up recording its result; it will be recovered", job["id"])
+            return None
+        self._log_outcome(job, outcome, state)
+        return nxt
+
+    def _log_outcome(self, job: Dict[str, Any], outcome: executor.Outcome, state: str) -> None:
+        took = f"{outcome.duration:.3f}s"
+        if state == "completed":
+            log.info("job %s: completed in %s (attempt %d)", job["id"], took, job["attempts"])
+        elif state == "failed":
+            log.warning("job %s: failed in %s (attempt %d): %s; will retry", job["id"], took,
+                        job["attempts"], outcome.error)
+        elif state == "dead":
+            log.warning("job %s: failed (attempt %d): %s; moved to the DLQ", job["id"],
+                        job["attempts"], outcome.error)
+        elif state == "lost":
+            log.warning("job %s: result dropped; the job was recovered by another worker", job["id"])
+        else:
+            log.info("job %s: %s (%s)", job["id"], state, outcome.error)
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m queuectl.worker")
+    parser.add_argument("--home", help="queuectl home (default: $QUEUECTL_HOME or ~/.queuectl)")
+    parser.add_argument("--backoff-base", type=float, help="override backoff_base for this worker")
+    parser.add_argument("--foreground", action="store_true", help="log every job start")
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    overrides = {"backoff_base": args.backoff_base} if args.backoff_base is not None else {}
+    try:
+        return Worker(Paths(args.home), overrides, foreground=args.foreground).run()
+    except QueueError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

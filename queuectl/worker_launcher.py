@@ -1,0 +1,219 @@
+"""Start workers (detached or attached), find them by PID file, stop them with signals.
+
+A PID file is trusted only if the process still has the recorded start time and is running
+``queuectl.worker``; anything else is stale and removed, never signalled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from queuectl import executor
+from queuectl.paths import Paths
+
+WORKER_MODULE = "queuectl.worker"
+
+
+def pid_file(paths: Paths, pid: int) -> "os.PathLike[str]":
+    return paths.workers_dir / f"{pid}.json"
+
+
+def worker_id_for(pid: int, start: Optional[int]) -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{pid}:{start if start is not None else 0}"
+
+
+def parse_worker_id(worker_id: str) -> "tuple[str, int, Optional[int]]":
+    host, pid, start = worker_id.rsplit(":", 2)
+    return host, int(pid), (int(start) or None)
+
+
+def write_pid_file(paths: Paths, pid: int, mode: str) -> Dict[str, Any]:
+    start = executor.process_start_time(pid)
+    record = {"pid": pid, "start": start, "started_at": time.time(),
+              "worker_id": worker_id_for(pid, start), "mode": mode}
+    paths.workers_dir.mkdir(parents=True, exist_ok=True)
+    target = pid_file(paths, pid)
+    tmp = paths.workers_dir / f".{pid}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, target)
+    return record
+
+
+def remove_pid_file(paths: Paths, pid: int) -> None:
+    for path in (pid_file(paths, pid), paths.workers_dir / f"{pid}.fifo"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def is_our_worker(record: Dict[str, Any]) -> bool:
+    """The PID is alive, started when recorded, and is a queuectl worker process."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
+        return False
+    start = record.get("start")
+    if os.path.isdir("/proc"):
+        if start is None or executor.process_start_time(pid) != start:
+            return False
+        return WORKER_MODULE in executor.process_cmdline(pid)
+    return executor.pid_alive(pid)
+
+
+@dataclass
+class WorkerInfo:
+    pid: int
+    worker_id: str
+    started_at: float
+    mode: str
+
+
+def list_workers(paths: Paths, clean: bool = True) -> List[WorkerInfo]:
+    """Live workers of this home; stale PID files (dead or foreign PIDs) are removed."""
+    found: List[WorkerInfo] = []
+    try:
+        names = sorted(os.listdir(paths.workers_dir))
+    except OSError:
+        return found
+    for name in names:
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        path = paths.workers_dir / name
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError):
+            record = {}
+        if is_our_worker(record):
+            found.append(WorkerInfo(record["pid"], str(record.get("worker_id", "")),
+                                    float(record.get("started_at") or 0), str(record.get("mode", ""))))
+        elif clean:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            stem = name[:-5]
+            try:
+                os.unlink(paths.workers_dir / f"{stem}.fifo")
+            except OSError:
+                pass
+    return found
+
+
+def worker_alive(worker_id: str) -> bool:
+    """For recovery: False only when we can prove the worker process is gone (same host)."""
+    import socket
+
+    try:
+        host, pid, start = parse_worker_id(worker_id)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return True  # another host: only its lease can tell
+    return executor.pid_matches(pid, start) and WORKER_MODULE in (executor.process_cmdline(pid) or WORKER_MODULE)
+
+
+def _worker_argv(paths: Paths, options: Sequence[str]) -> List[str]:
+    return [sys.executable, "-m", WORKER_MODULE, "--home", str(paths.home), *options]
+
+
+def _child_env(paths: Paths) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["QUEUECTL_HOME"] = str(paths.home)
+    return env
+
+
+def start_detached(paths: Paths, count: int, options: Sequence[str] = ()) -> List[int]:
+    """Start ``count`` workers in their own sessions and return their PIDs at once."""
+    paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    paths.workers_dir.mkdir(parents=True, exist_ok=True)
+    pids = []
+    for _ in range(count):
+        launch_log = paths.logs_dir / f".worker-starting-{os.getpid()}-{time.monotonic_ns()}.log"
+        with open(launch_log, "ab") as log:
+            proc = subprocess.Popen(_worker_argv(paths, options), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    close_fds=True, cwd=str(paths.home), env=_child_env(paths))
+        os.replace(launch_log, paths.worker_log(proc.pid))
+        write_pid_file(paths, proc.pid, "detached")
+        proc.returncode = 0  # never waited on by us; keeps Popen.__del__ from warning
+        pids.append(proc.pid)
+    return pids
+
+
+def run_attached(paths: Paths, count: int, options: Sequence[str] = ()) -> int:
+    """Run ``count`` workers attached to this terminal; Ctrl-C stops them gracefully, twice forces."""
+    procs = [subprocess.Popen(_worker_argv(paths, [*options, "--foreground"]), stdin=subprocess.DEVNULL,
+                              start_new_session=True, env=_child_env(paths))
+             for _ in range(count)]
+    presses = {"n": 0}
+
+    def forward(signum: int, _frame: Any) -> None:
+        presses["n"] += 1
+        sig = signal.SIGTERM if presses["n"] == 1 else signal.SIGUSR1
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return max((abs(c) for c in codes), default=0)
+
+
+@dataclass
+class StopReport:
+    signalled: List[int] = field(default_factory=list)
+    exited: List[int] = field(default_factory=list)
+    running: List[int] = field(default_factory=list)
+    killed: List[int] = field(default_factory=list)
+
+
+def stop_workers(paths: Paths, wait: float = 10.0, force: bool = False) -> StopReport:
+    """SIGTERM (graceful) or SIGUSR1 (force: kill the job) every live worker, then wait."""
+    report = StopReport()
+    sig = signal.SIGUSR1 if force else signal.SIGTERM
+    workers = list_workers(paths)
+    for info in workers:
+        try:
+            os.kill(info.pid, sig)
+            report.signalled.append(info.pid)
+        except ProcessLookupError:
+            remove_pid_file(paths, info.pid)
+    deadline = time.monotonic() + max(wait, 0)
+    pending = list(report.signalled)
+    while pending:
+        pending = [pid for pid in pending if executor.pid_alive(pid)]
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if force:
+        for pid in pending:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                report.killed.append(pid)
+            except ProcessLookupError:
+                pass
+        pending = []
+    for pid in report.signalled:
+        if pid in pending:
+            report.running.append(pid)
+        else:
+            report.exited.append(pid)
+            remove_pid_file(paths, pid)
+    return report
