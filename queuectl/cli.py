@@ -34,7 +34,8 @@ class QueueGroup(click.Group):
             return super().invoke(ctx)
         except QueueError as exc:
             raise UserError(str(exc)) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt,
+                BrokenPipeError):
             raise
         except OSError as exc:
             if os.environ.get("QUEUECTL_DEBUG"):
@@ -592,6 +593,176 @@ def retry(job_ids: Sequence[str]) -> None:
     click.echo(f"Retrying now: {', '.join(ids)}")
 
 
+# -- day-to-day control ------------------------------------------------------------------------
+@cli.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job's run ends.")
+@click.option("--attempt", "-a", type=int, help="Only this attempt's section of the log.")
+def logs(job_id: str, follow: bool, attempt: Optional[int]) -> None:
+    """Print a job's captured output (stdout+stderr, every attempt with a header).
+
+    \b
+    Examples:
+      queuectl logs 42
+      queuectl logs 42 --attempt 2
+      queuectl logs 42 --follow        # like tail -f; exits when the job finishes
+    """
+    from queuectl import joblog
+
+    queue = _queue()
+    job = queue.get(job_id)
+    path = _paths().job_log(job["id"])
+    out = sys.stdout.buffer
+    if attempt is not None or not follow:
+        data = joblog.read_attempt(path, attempt)
+        if attempt is not None and not data:
+            raise InvalidInput(f"job {job['id']!r} has no logged attempt {attempt}")
+        out.write(data)
+        out.flush()
+        return
+    offset = 0
+    while True:
+        state = queue.get(job["id"])["state"]
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            out.write(chunk)
+            out.flush()
+            offset += len(chunk)
+        elif state in TERMINAL or (state == "failed" and offset):
+            return
+        else:
+            time.sleep(0.1)
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1)
+@click.option("--all", "all_jobs", is_flag=True, help="Every job not yet finished when wait starts.")
+@click.option("--timeout", "-t", "timeout_s", help="Give up after this long (30, 5m, 2h); exit 2.")
+def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str]) -> None:
+    """Block until jobs are completed or dead (or cancelled).
+
+    Exit 0 if all completed, 1 if any ended dead or cancelled, 2 on timeout.
+
+    \b
+    Examples:
+      id=$(queuectl add "make build" | awk '{print $3}'); queuectl wait "$id"
+      queuectl wait --all --timeout 10m
+    """
+    from queuectl.timeutil import parse_duration
+
+    if bool(job_ids) == all_jobs:
+        raise InvalidInput("give job ids, or --all")
+    limit = parse_duration(timeout_s, "--timeout") if timeout_s is not None else None
+    queue = _queue()
+    if all_jobs:
+        ids = [j["id"] for j in queue.list(("pending", "processing", "failed"))]
+    else:
+        ids = [queue.get(job_id)["id"] for job_id in dict.fromkeys(job_ids)]
+    deadline = time.monotonic() + limit if limit is not None else None
+    tty = sys.stderr.isatty()
+    final: Dict[str, str] = {}
+    remaining = list(ids)
+    delay = 0.02
+    while True:
+        states = queue.states(remaining)
+        for job_id in remaining:
+            state = states.get(job_id, "completed")  # purged meanwhile: it had finished
+            if state in TERMINAL:
+                final[job_id] = state
+        remaining = [j for j in remaining if j not in final]
+        if tty:
+            bad = sum(1 for s in final.values() if s != "completed")
+            click.echo(f"\r{len(final)}/{len(ids)} finished" + (f" ({bad} dead/cancelled)" if bad else "")
+                       + " " * 8, nl=False, err=True)
+        if not remaining:
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            if tty:
+                click.echo(err=True)
+            click.echo(f"timed out; {len(remaining)} job(s) not finished: {_short(' '.join(remaining), 200)}",
+                       err=True)
+            sys.exit(2)
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    if tty:
+        click.echo(err=True)
+    failed = sorted((j for j, s in final.items() if s != "completed"), key=ids.index)
+    if failed:
+        click.echo(f"{len(failed)} job(s) did not complete: "
+                   + ", ".join(f"{j} ({final[j]})" for j in failed[:20]), err=True)
+        sys.exit(1)
+    click.echo(f"All {len(ids)} job(s) completed.")
+
+
+@cli.command()
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--wait", "wait_s", default=10.0, show_default=True, type=float,
+              help="Seconds to wait for running jobs to be killed.")
+def cancel(job_ids: Sequence[str], wait_s: float) -> None:
+    """Cancel jobs: waiting ones at once, running ones by killing their process group.
+
+    Cancelled is a final state (not the DLQ); jobs that depend on it are cancelled too.
+    """
+    queue = _queue()
+    result = queue.cancel(job_ids)
+    running = [j for j, s in result.items() if s == "cancelling"]
+    deadline = time.monotonic() + wait_s
+    while running and time.monotonic() < deadline:
+        states = queue.states(running)
+        running = [j for j in running if states.get(j) == "processing"]
+        if running:
+            time.sleep(0.05)
+    for job_id in result:
+        if job_id in running:
+            click.echo(f"Job {job_id}: cancel requested; its worker will kill it")
+        else:
+            click.echo(f"Job {job_id} cancelled")
+
+
+@cli.command()
+def pause() -> None:
+    """Drain mode: workers finish what they run but claim nothing new."""
+    _queue().pause()
+    click.echo("Queue paused: running jobs finish, nothing new starts. 'queuectl resume' to continue.")
+
+
+@cli.command()
+def resume() -> None:
+    """Let workers claim jobs again after pause."""
+    _queue().resume()
+    click.echo("Queue resumed.")
+
+
+@cli.command()
+@click.option("--state", "-s", "states", multiple=True, required=True,
+              type=click.Choice(TERMINAL), help="Which finished jobs (repeatable).")
+@click.option("--older-than", help="Only jobs finished longer ago than this (30m, 12h, 7d).")
+def purge(states: Sequence[str], older_than: Optional[str]) -> None:
+    """Delete finished jobs and their log files; never touches pending or running jobs.
+
+    \b
+    Examples:
+      queuectl purge --state completed --older-than 7d
+      queuectl purge --state dead --state cancelled
+    """
+    from queuectl.timeutil import parse_duration
+
+    age = parse_duration(older_than, "--older-than") if older_than is not None else 0.0
+    ids = _queue().purge(states, age)
+    paths = _paths()
+    for job_id in ids:
+        try:
+            os.unlink(paths.job_log(job_id))
+        except FileNotFoundError:
+            pass
+    click.echo(f"Purged {len(ids)} job(s).")
+
+
 # -- config ------------------------------------------------------------------------------------
 @cli.group()
 def config() -> None:
@@ -663,7 +834,12 @@ def config_unset(key: str) -> None:
 
 
 def main() -> None:
-    cli(prog_name="queuectl")
+    try:
+        cli(prog_name="queuectl")
+    except BrokenPipeError:  # e.g. `queuectl list | head`: not an error worth a word
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""Helpers shared by tests/ and tests/reliability/ (import as ``from helpers import ...``)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from queuectl.models import Queue
+from queuectl.paths import Paths
+from queuectl.sqlite_store import SqliteStore
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+               message: str = "condition") -> object:
+    """Poll ``condition`` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def run_queuectl(*args: str, home: Path, input: Optional[str] = None,
+                 timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the real command in a child process (what a user's shell does)."""
+    env = dict(os.environ, QUEUECTL_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "queuectl.cli", *args], input=input,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+class Workers:
+    """Start real detached workers for a test and guarantee they are gone afterwards."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.paths = Paths(home)
+        self.pids: List[int] = []
+
+    def start(self, count: int = 1, *extra: str) -> List[int]:
+        result = run_queuectl("worker", "start", "--count", str(count), *extra, home=self.home)
+        assert result.returncode == 0, result.stderr
+        line = [ln for ln in result.stdout.splitlines() if "PIDs:" in ln][0]
+        pids = [int(p) for p in line.split("PIDs:")[1].replace(",", " ").split()]
+        self.pids.extend(pids)
+        return pids
+
+    def stop(self, *extra: str) -> subprocess.CompletedProcess:
+        return run_queuectl("worker", "stop", *extra, home=self.home)
+
+    def alive(self) -> List[int]:
+        from queuectl.executor import pid_alive
+
+        return [pid for pid in self.pids if pid_alive(pid)]
+
+    def cleanup(self) -> None:
+        from queuectl.executor import pid_alive
+
+        for pid in self.pids:
+            if pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        kill_everything_of(self.home)
+
+
+def kill_everything_of(home: Path) -> None:
+    """SIGKILL every process (workers, jobs, their children) whose environment names ``home``."""
+    marker = f"QUEUECTL_HOME={home}".encode()
+    me = os.getpid()
+    for _ in range(3):
+        found = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    env = handle.read().split(b"\0")
+            except OSError:
+                continue
+            if marker in env:
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                    found = True
+                except (ProcessLookupError, PermissionError):
+                    pass
+        if not found:
+            return
+        time.sleep(0.05)
+
+
+def job_state(home: Path, job_id: str) -> Optional[str]:
+    s = SqliteStore(Paths(home).db)
+    try:
+        row = s.get(job_id)
+        return row["state"] if row else None
+    finally:
+        s.close()
+
+
+def counts(home: Path) -> dict:
+    s = SqliteStore(Paths(home).db)
+    try:
+        return Queue(s).counts()
+    finally:
+        s.close()
+
+
+def dump_db(home: Path) -> str:
+    """A canonical dump of the database, for byte-for-byte 'nothing changed' checks."""
+    import sqlite3
+
+    db = Paths(home).db
+    if not db.exists():
+        return ""
+    conn = sqlite3.connect(str(db))
+    try:
+        return "\n".join(conn.iterdump())
+    finally:
+        conn.close()
