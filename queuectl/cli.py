@@ -663,6 +663,9 @@ def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str]) -> No
         ids = [j["id"] for j in queue.list(("pending", "processing", "failed"))]
     else:
         ids = [queue.get(job_id)["id"] for job_id in dict.fromkeys(job_ids)]
+    if not ids:
+        click.echo("Nothing to wait for: no unfinished jobs.")
+        return
     deadline = time.monotonic() + limit if limit is not None else None
     tty = sys.stderr.isatty()
     final: Dict[str, str] = {}
