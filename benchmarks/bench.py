@@ -1,0 +1,391 @@
+#!/usr/bin/env python3
+"""queuectl benchmark: how close the queue gets to the machine's own process-spawn ceiling.
+
+    python benchmarks/bench.py [--quick] [--json] [--keep]
+
+Everything runs in ONE fresh temporary QUEUECTL_HOME (several, in fact: one per scenario) and
+every figure is compared with its target. Times on a shared 2-core machine are noisy, so the
+targets are ratios measured within the same run (W1/L0, CLI/`import click`, W4/W1).
+
+Scenarios (see issue 4):
+  L0  ceiling: `sh -c true` spawned by 2 concurrent Python processes with
+      queuectl.executor.spawn (exactly what workers call), output to a file, like a worker.
+  W1  drain: N `true` jobs bulk-enqueued in one transaction, 2 running idle workers drain them.
+      Rate = N / (last finished_at - first started_at) from the jobs' own timestamps
+      (worker start-up is excluded; end-to-end from enqueue commit is shown too).
+  W2  pickup latency: one `true` job at a time into idle workers; enqueue commit -> finished_at.
+      Idle worker CPU from /proc/<pid>/stat over a few idle seconds.
+  W3  bulk enqueue: `queuectl enqueue --file` with 100k lines, end to end (process start to
+      exit, so it includes Python start-up, JSON parsing and the fsync'd commit); one
+      `queuectl enqueue` call vs `python -c "import click"` and `python -c pass`.
+  W4  scale: W1 again with 20k and 100k completed jobs (and their run records) in the table.
+  M1  memory: RSS of an idle worker, and after it ran its share of W1..W4.
+
+Every process the bench starts is ended (workers by PID, spawners by PID), also on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from queuectl import worker_launcher  # noqa: E402
+from queuectl.jobspec import parse_job  # noqa: E402
+from queuectl.models import Queue  # noqa: E402
+from queuectl.paths import Paths  # noqa: E402
+from queuectl.sqlite_store import SqliteStore  # noqa: E402
+from queuectl import wakeup  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+SPAWNER = r"""
+import os, sys, time
+from queuectl.executor import spawn
+n, out, go = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+while time.time() < go:
+    time.sleep(0.0005)
+t0 = time.time()
+for _ in range(n):
+    spawn("true", False, None, fd).wait()
+print(t0, time.time())
+"""
+
+# -- process bookkeeping: everything we start is ended by PID -------------------------------
+_children: List[subprocess.Popen] = []
+_worker_pids: List[int] = []
+_homes: List[Paths] = []
+
+
+def _cleanup() -> None:
+    for proc in _children:
+        if proc.poll() is None:
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    for paths in _homes:
+        try:
+            worker_launcher.stop_workers(paths, wait=5.0)
+        except Exception:
+            pass
+    for pid in _worker_pids:
+        try:
+            os.kill(pid, signal.SIGKILL)  # only our own workers, by PID, if still there
+        except (ProcessLookupError, PermissionError):
+            pass
+    _worker_pids.clear()
+    _homes.clear()
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# -- small measuring tools --------------------------------------------------------------------
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        fields = handle.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as handle:
+        return int(handle.read().split()[1]) * PAGE / 1e6
+
+
+def pct(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def new_home(base: Path, name: str) -> Paths:
+    paths = Paths(base / name)
+    paths.home.mkdir(parents=True)
+    return paths
+
+
+def start_workers(paths: Paths, count: int = 2) -> List[int]:
+    _homes.append(paths)
+    pids = worker_launcher.start_detached(paths, count)
+    _worker_pids.extend(pids)
+    deadline = time.monotonic() + 20
+    while not all(wakeup.fifo_path(paths.workers_dir, pid).exists() for pid in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError("workers did not start; see " + str(paths.logs_dir))
+        time.sleep(0.02)
+    time.sleep(0.3)  # let them finish start-up work (recovery pass) and go idle
+    return pids
+
+
+def stop_workers(paths: Paths, pids: List[int]) -> None:
+    worker_launcher.stop_workers(paths, wait=10.0)
+    for pid in pids:
+        if pid in _worker_pids:
+            _worker_pids.remove(pid)
+
+
+def queuectl_argv() -> List[str]:
+    script = Path(sys.executable).with_name("queuectl")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "queuectl.cli"]
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+def bench_l0(base: Path, per_spawner: int) -> Dict[str, Any]:
+    go = time.time() + 0.5
+    procs = []
+    for i in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", SPAWNER, str(per_spawner), str(base / f"l0-{i}.log"),
+                                 repr(go)], stdout=subprocess.PIPE, text=True, cwd=str(base))
+        _children.append(proc)
+        procs.append(proc)
+    spans = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError("L0 spawner failed")
+        spans.append([float(x) for x in out.split()])
+    elapsed = max(s[1] for s in spans) - min(s[0] for s in spans)
+    return {"L0_spawns_per_s": 2 * per_spawner / elapsed}
+
+
+def _specs(n: int, command: str = "true") -> List[Dict[str, Any]]:
+    now = time.time()
+    cwd = os.getcwd()
+    return [parse_job({"command": command}, now=now, default_cwd=cwd) for _ in range(n)]
+
+
+def drain(paths: Paths, store: SqliteStore, n: int) -> Dict[str, float]:
+    """Enqueue n jobs in one transaction into running idle workers; wait until all completed."""
+    marks: Dict[str, float] = {}
+    queue = Queue(store, notify=lambda: (marks.setdefault("commit", time.time()),
+                                         wakeup.ring(paths.workers_dir)))
+    results = queue.enqueue(_specs(n))
+    first, last = int(results[0].id), int(results[-1].id)
+    deadline = time.monotonic() + max(120, n / 50)
+    # Cheap completion probe (read-only, by primary key): the tail of the batch, then the rest.
+    read = store.db.read
+    while True:
+        left = read("SELECT count(*) FROM jobs WHERE seq BETWEEN ? AND ? AND state != 'completed'",
+                    (max(first, last - 3), last))[0][0]
+        if left == 0:
+            left = read("SELECT count(*) FROM jobs WHERE seq BETWEEN ? AND ? AND state != 'completed'",
+                        (first, last))[0][0]
+            if left == 0:
+                break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"drain of {n} jobs did not finish ({left} left)")
+        time.sleep(0.05)
+    lo, hi = read("SELECT min(started_at), max(finished_at) FROM jobs WHERE seq BETWEEN ? AND ?",
+                  (first, last))[0]
+    return {"rate": n / (hi - lo), "e2e_rate": n / (hi - marks["commit"]), "seconds": hi - lo}
+
+
+def add_completed(store: SqliteStore, total: int) -> int:
+    """Top the table up to ``total`` completed jobs (with a run record each), fast, via the store."""
+    have = store.counts().get("completed", 0)
+    need = max(0, total - have)
+    now = time.time()
+    cwd = os.getcwd()
+    with store.transaction():
+        seq = store.last_seq()
+        rows = [(seq + i, str(seq + i), "true", 0, "completed", 0, None, None, cwd, now, now, now, None, 0)
+                for i in range(1, need + 1)]
+        store.insert_jobs(rows)
+        for i in range(1, need + 1):
+            store.add_run(str(seq + i), 1, "bench:0:0", now, now, 0, None)
+    return need
+
+
+def bench_w2(paths: Paths, store: SqliteStore, samples: int, pause: float) -> Dict[str, Any]:
+    lat = []
+    for _ in range(samples):
+        marks: Dict[str, float] = {}
+        queue = Queue(store, notify=lambda: (marks.setdefault("commit", time.time()),
+                                             wakeup.ring(paths.workers_dir)))
+        job_id = queue.enqueue(_specs(1))[0].id
+        deadline = time.monotonic() + 10
+        while True:
+            job = store.get(job_id)
+            if job and job["finished_at"]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"job {job_id} not picked up in 10 s")
+            time.sleep(0.002)
+        lat.append((job["finished_at"] - marks["commit"]) * 1000)
+        time.sleep(pause)
+    return {"W2_p50_ms": statistics.median(lat), "W2_p95_ms": pct(lat, 0.95), "W2_max_ms": max(lat)}
+
+
+def idle_cpu(pids: List[int], seconds: float) -> float:
+    before = {pid: cpu_ticks(pid) for pid in pids}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    dt = time.monotonic() - t0
+    return max((cpu_ticks(pid) - before[pid]) / CLK_TCK / dt * 100 for pid in pids)
+
+
+def timed_run(argv: List[str], env: Dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
+def bench_w3(base: Path, bulk: int, calls: int) -> Dict[str, Any]:
+    paths = new_home(base, "w3")
+    env = dict(os.environ, QUEUECTL_HOME=str(paths.home))
+    qctl = queuectl_argv()
+    subprocess.run([*qctl, "init-db"], env=env, stdout=subprocess.DEVNULL, check=True)
+    jobs_file = base / "bulk.jsonl"
+    jobs_file.write_text('{"command": "true"}\n' * bulk)
+    bulk_s = timed_run([*qctl, "enqueue", "--file", str(jobs_file)], env)
+    one_job = json.dumps({"command": "true"})
+    runs: Dict[str, List[float]] = {"pass": [], "click": [], "enqueue": []}
+    argvs = {"pass": [sys.executable, "-c", "pass"], "click": [sys.executable, "-c", "import click"],
+             "enqueue": [*qctl, "enqueue", one_job]}
+    for name, argv in argvs.items():  # warm the page cache
+        timed_run(argv, env)
+    for _ in range(calls):  # interleaved, so background noise hits all three alike
+        for name, argv in argvs.items():
+            runs[name].append(timed_run(argv, env))
+    med = {name: statistics.median(v) * 1000 for name, v in runs.items()}
+    return {"W3_bulk_jobs_per_s": bulk / bulk_s, "W3_bulk_seconds": bulk_s,
+            "W3_enqueue_ms": med["enqueue"], "W3_import_click_ms": med["click"],
+            "W3_python_pass_ms": med["pass"], "W3_enqueue_vs_click": med["enqueue"] / med["click"]}
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def run(quick: bool, keep: bool) -> Dict[str, Any]:
+    size = dict(spawns=300, drain=1000, samples=30, pause=0.02, idle=1.5, bulk=20_000, calls=5,
+                scale=(4_000, 20_000)) if quick else \
+        dict(spawns=2_000, drain=5_000, samples=100, pause=0.05, idle=4.0, bulk=100_000, calls=20,
+             scale=(20_000, 100_000))
+    base = Path(tempfile.mkdtemp(prefix="queuectl-bench-"))
+    res: Dict[str, Any] = {"quick": quick, "sizes": size}
+    # Child processes (workers, CLI calls, spawners) cache their bytecode, as an installed
+    # package would, but in our temporary directory rather than in the checkout.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(base / "pycache")
+    try:
+        res.update(bench_l0(base, size["spawns"]))
+
+        paths = new_home(base, "main")
+        os.environ["QUEUECTL_HOME"] = str(paths.home)
+        store = SqliteStore(paths.db, durable=True)  # the enqueue side is a CLI-like, durable connection
+        pids = start_workers(paths)
+        res["M1_idle_rss_mb"] = max(rss_mb(pid) for pid in pids)
+        res["W2_idle_cpu_pct"] = idle_cpu(pids, size["idle"])
+        res.update(bench_w2(paths, store, size["samples"], size["pause"]))
+
+        w1 = drain(paths, store, size["drain"])
+        res["W1_jobs_per_s"] = w1["rate"]
+        res["W1_e2e_jobs_per_s"] = w1["e2e_rate"]
+        res["W1_vs_L0"] = w1["rate"] / res["L0_spawns_per_s"]
+        time.sleep(0.3)
+        res["M1_rss_after_mb"] = max(rss_mb(pid) for pid in pids)
+        res["M1_growth_mb"] = res["M1_rss_after_mb"] - res["M1_idle_rss_mb"]
+
+        for label, total in zip(("20k", "100k"), size["scale"]):
+            add_completed(store, total)
+            w4 = drain(paths, store, size["drain"])
+            res[f"W4_{label}_jobs_per_s"] = w4["rate"]
+            res[f"W4_{label}_vs_W1"] = w4["rate"] / w1["rate"]
+        res["M1_rss_end_mb"] = max(rss_mb(pid) for pid in pids)
+        stop_workers(paths, pids)
+        store.close()
+
+        res.update(bench_w3(base, size["bulk"], size["calls"]))
+    finally:
+        _cleanup()
+        if keep:
+            print(f"kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    return res
+
+
+TARGETS = [  # (label, key, format, target text, check)
+    ("L0 ceiling: sh -c true, 2 spawners", "L0_spawns_per_s", "{:,.0f}/s", "(reference)", None),
+    ("W1 drain, 2 workers", "W1_jobs_per_s", "{:,.0f}/s", "", None),
+    ("W1 end-to-end from enqueue commit", "W1_e2e_jobs_per_s", "{:,.0f}/s", "", None),
+    ("W1 / L0", "W1_vs_L0", "{:.2f}", ">= 0.80", lambda v: v >= 0.80),
+    ("W2 pickup latency p50", "W2_p50_ms", "{:.1f} ms", "<= 10 ms", lambda v: v <= 10),
+    ("W2 pickup latency p95", "W2_p95_ms", "{:.1f} ms", "<= 30 ms", lambda v: v <= 30),
+    ("W2 idle worker CPU (max of 2)", "W2_idle_cpu_pct", "{:.2f} %", "< 1 %", lambda v: v < 1),
+    ("W3 bulk enqueue --file, end to end", "W3_bulk_jobs_per_s", "{:,.0f}/s", ">= 100,000/s",
+     lambda v: v >= 100_000),
+    ("W3 one `queuectl enqueue` (median)", "W3_enqueue_ms", "{:.1f} ms", "", None),
+    ("W3 `python -c 'import click'`", "W3_import_click_ms", "{:.1f} ms", "", None),
+    ("W3 `python -c pass`", "W3_python_pass_ms", "{:.1f} ms", "", None),
+    ("W3 enqueue / import click", "W3_enqueue_vs_click", "{:.2f}x", "<= 1.5x", lambda v: v <= 1.5),
+    ("W4 drain, 20k completed in table", "W4_20k_jobs_per_s", "{:,.0f}/s", "", None),
+    ("W4 20k / W1", "W4_20k_vs_W1", "{:.2f}", ">= 0.90", lambda v: v >= 0.90),
+    ("W4 drain, 100k completed in table", "W4_100k_jobs_per_s", "{:,.0f}/s", "", None),
+    ("W4 100k / W1", "W4_100k_vs_W1", "{:.2f}", ">= 0.90", lambda v: v >= 0.90),
+    ("M1 idle worker RSS", "M1_idle_rss_mb", "{:.1f} MB", "<= 30 MB", lambda v: v <= 30),
+    ("M1 worker RSS after the drains", "M1_rss_end_mb", "{:.1f} MB", "", None),
+    ("M1 growth after W1", "M1_growth_mb", "{:+.1f} MB", "<= +2 MB (flat)", lambda v: v <= 2),
+]
+
+
+def table(res: Dict[str, Any]) -> str:
+    lines = [f"{'figure':40} {'value':>14}  {'target':16} ok", "-" * 76]
+    for label, key, fmt, target, check in TARGETS:
+        value = res.get(key)
+        shown = fmt.format(value) if value is not None else "n/a"
+        ok = "" if check is None or value is None else ("yes" if check(value) else "NO")
+        lines.append(f"{label:40} {shown:>14}  {target:16} {ok}")
+    return "\n".join(lines)
+
+
+def environment() -> Dict[str, Any]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
+            "machine": platform.machine(), "load_avg_1m": os.getloadavg()[0]}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a < 60 s smoke run (CI)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary homes for inspection")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    started = time.monotonic()
+    try:
+        res = run(args.quick, args.keep)
+    except KeyboardInterrupt:
+        print("interrupted; every process the bench started has been stopped", file=sys.stderr)
+        return 130
+    res["env"] = environment()
+    res["bench_seconds"] = time.monotonic() - started
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        env = res["env"]
+        print(f"queuectl bench  {env['date']}  {env['cpus']} CPUs  Python {env['python']}  "
+              f"SQLite {env['sqlite']}  load {env['load_avg_1m']:.2f}  {'--quick' if args.quick else ''}")
+        print(table(res))
+        print(f"({res['bench_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
