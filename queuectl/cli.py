@@ -223,7 +223,8 @@ def _submit(items: Sequence[Any], where: Sequence[str], if_exists: str, progress
         if result.created:
             click.echo(f"Enqueued job {result.id}")
         else:
-            click.echo(f"Job {result.id} already active with that unique key; skipped")
+            # Same word position as "Enqueued job ID": `awk '{print $3}'` gets the id either way.
+            click.echo(f"Existing job {result.id} already holds that unique key; nothing enqueued")
         return
     created = sum(r.created for r in results)
     skipped = len(results) - created
