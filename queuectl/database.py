@@ -110,7 +110,11 @@ class Database:
                                         check_same_thread=False)
             # FULL makes an acknowledged enqueue survive power loss; workers use NORMAL:
             # a lost state change after power loss only means a job runs again.
-            self.conn.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
+            # This pragma loads the schema, i.e. reads the file: with timeout=0 a fresh
+            # connection can hit a transient SQLITE_BUSY (WAL header being rewritten by a
+            # writer), so it gets the same retry as every other read.
+            sync = "PRAGMA synchronous=" + ("FULL" if durable else "NORMAL")
+            self._retry_read(lambda: self.conn.execute(sync))
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StorageError(_describe(self.path, exc)) from None
