@@ -644,7 +644,8 @@ def logs(job_id: str, follow: bool, attempt: Optional[int]) -> None:
 @click.argument("job_ids", nargs=-1)
 @click.option("--all", "all_jobs", is_flag=True, help="Every job not yet finished when wait starts.")
 @click.option("--timeout", "-t", "timeout_s", help="Give up after this long (30, 5m, 2h); exit 2.")
-def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print each job's final state as JSON (same exit codes).")
+def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str], as_json: bool) -> None:
     """Block until jobs are completed or dead (or cancelled).
 
     Exit 0 if all completed, 1 if any ended dead or cancelled, 2 on timeout.
@@ -653,6 +654,7 @@ def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str]) -> No
     Examples:
       id=$(queuectl add "make build" | awk '{print $3}'); queuectl wait "$id"
       queuectl wait --all --timeout 10m
+      queuectl wait --json a b c | jq -r '.jobs | to_entries[] | select(.value != "completed") | .key'
     """
     from queuectl.timeutil import parse_duration
 
@@ -664,7 +666,7 @@ def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str]) -> No
         ids = [j["id"] for j in queue.list(("pending", "processing", "failed"))]
     else:
         ids = [queue.get(job_id)["id"] for job_id in dict.fromkeys(job_ids)]
-    if not ids:
+    if not ids and not as_json:
         click.echo("Nothing to wait for: no unfinished jobs.")
         return
     deadline = time.monotonic() + limit if limit is not None else None
@@ -688,6 +690,9 @@ def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str]) -> No
         if deadline is not None and time.monotonic() >= deadline:
             if tty:
                 click.echo(err=True)
+            if as_json:
+                current = {j: states.get(j, "completed") for j in remaining}
+                _emit_json({"jobs": {j: final.get(j) or current[j] for j in ids}, "timed_out": True})
             click.echo(f"timed out; {len(remaining)} job(s) not finished: {_short(' '.join(remaining), 200)}",
                        err=True)
             sys.exit(2)
@@ -696,11 +701,14 @@ def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str]) -> No
     if tty:
         click.echo(err=True)
     failed = sorted((j for j, s in final.items() if s != "completed"), key=ids.index)
+    if as_json:
+        _emit_json({"jobs": {j: final[j] for j in ids}, "timed_out": False})
     if failed:
         click.echo(f"{len(failed)} job(s) did not complete: "
                    + ", ".join(f"{j} ({final[j]})" for j in failed[:20]), err=True)
         sys.exit(1)
-    click.echo(f"All {len(ids)} job(s) completed.")
+    if not as_json:
+        click.echo(f"All {len(ids)} job(s) completed.")
 
 
 @cli.command()
