@@ -377,3 +377,76 @@ def test_dlq_retry_refuses_when_unique_key_is_taken(cli, queue):
 @pytest.mark.parametrize("argv", [["logs"], ["wait"], ["cancel"], ["pause"], ["resume"], ["purge"]])
 def test_operate_commands_have_help(cli, argv):
     assert cli(*argv, "--help").stdout.startswith("Usage: ")
+
+
+# -- scripting and terminals -----------------------------------------------------------------------
+def test_wait_json(cli, queue):
+    cli("add", "--id", "ok", "true")
+    cli("add", "--id", "gone", "--max-retries", "0", "false")
+    cli("add", "--id", "later", "--delay", "1h", "true")
+    for outcome in (Outcome(0, None, ""), Outcome(1, "exit code 1", "")):
+        queue.finish(queue.claim(W), outcome, W)
+    done = cli("wait", "ok", "--json")
+    assert done.exit_code == 0 and json.loads(done.stdout) == {"jobs": {"ok": "completed"}, "timed_out": False}
+    dead = cli("wait", "ok", "gone", "--json", ok=False)
+    assert dead.exit_code == 1
+    assert json.loads(dead.stdout) == {"jobs": {"ok": "completed", "gone": "dead"}, "timed_out": False}
+    late = cli("wait", "ok", "later", "--json", "--timeout", "0.1", ok=False)
+    assert late.exit_code == 2
+    assert json.loads(late.stdout) == {"jobs": {"ok": "completed", "later": "pending"}, "timed_out": True}
+    cli("cancel", "later")
+    assert json.loads(cli("wait", "--all", "--json").stdout) == {"jobs": {}, "timed_out": False}
+
+
+def run_with_tty_stderr(args, home, input_text=None):
+    """Run the real command with stderr on a pseudo-terminal (what a user at a shell sees)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, QUEUECTL_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", *args], stdout=subprocess.PIPE,
+                            stderr=slave, stdin=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    return proc.wait(timeout=60), out, b"".join(chunks).decode(errors="replace")
+
+
+def test_bulk_enqueue_progress_bar_only_on_a_tty(cli, home, tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text('{"command": "true"}\n' * 3000)
+    quiet = cli("enqueue", "--file", str(path))
+    assert quiet.stderr == "" and quiet.stdout.startswith("Enqueued 3000 jobs")
+    code, out, err = run_with_tty_stderr(["enqueue", "--file", str(path)], home)
+    assert code == 0 and out.startswith("Enqueued 3000 jobs")
+    assert "100%" in err, err
+
+
+def test_wait_shows_progress_on_a_tty(cli, home):
+    cli("add", "--id", "w1", "--delay", "1h", "true")
+    code, out, err = run_with_tty_stderr(["wait", "w1", "--timeout", "0.2"], home)
+    assert code == 2 and "0/1 finished" in err and "timed out" in err
+    assert out == ""
+
+
+def test_shell_completion(home):
+    env = dict(os.environ, QUEUECTL_HOME=str(home), _QUEUECTL_COMPLETE="bash_source")
+    source = subprocess.run([sys.executable, "-m", "queuectl.cli"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert source.returncode == 0 and "_queuectl_completion" in source.stdout
+    env.update(_QUEUECTL_COMPLETE="bash_complete", COMP_WORDS="queuectl wo", COMP_CWORD="1")
+    words = subprocess.run([sys.executable, "-m", "queuectl.cli"], capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert "plain,worker" in words.stdout.splitlines()
