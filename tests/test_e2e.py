@@ -215,3 +215,60 @@ def test_sigkilled_worker_job_is_recovered(cli, queue, workers, tmp_path):
     assert details["runs"][1]["exit_code"] == 0
     assert attempts.read_text().split() == ["1", "2"]
     wait_until(lambda: not pid_alive(orphan), message="the dead worker's job killed")
+
+
+def test_worker_start_background_flag_and_status(cli, queue, workers, tmp_path):
+    go = tmp_path / "go"
+    cli("add", "--id", "busy-job", f"while [ ! -e {go} ]; do sleep 0.02; done")
+    pids = workers.start(2, "--background")  # accepted from earlier designs; detached anyway
+    assert len(pids) == 2
+    wait_until(lambda: state_of(queue, "busy-job") == "processing", message="job running")
+    rows = json.loads(cli("worker", "status", "--json").stdout)
+    assert sorted(r["pid"] for r in rows) == sorted(pids)
+    busy = [r for r in rows if r["state"] == "busy"]
+    assert len(busy) == 1 and busy[0]["job"] == "busy-job" and busy[0]["uptime"] >= 0
+    assert queue.get("busy-job")["worker_id"] == busy[0]["worker_id"]
+    text = cli("worker", "status").stdout
+    assert "busy" in text and "idle" in text and str(pids[0]) in text
+    go.touch()
+    wait_until(lambda: state_of(queue, "busy-job") == "completed", message="done")
+
+
+def test_attached_workers_with_backoff_override(cli, queue, home):
+    """`queuectl worker -n 2 --backoff-base 3`: attached, per-run backoff, Ctrl-C stops cleanly."""
+    cli("add", "--id", "flop", "--max-retries", "1", "false")
+    cli("add", "--id", "fine", "echo fine")
+    env = dict(os.environ, QUEUECTL_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "worker", "-n", "2", "--backoff-base", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until(lambda: state_of(queue, "flop") == "failed" and state_of(queue, "fine") == "completed",
+                   timeout=20, message="first failure recorded")
+        job = queue.get("flop")
+        assert abs(job["run_at"] - job["finished_at"] - 3.0) < 0.01  # 3 ** 1, not config's 2 ** 1
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "job fine: attempt 1 started" in err and "completed" in err
+        assert "Traceback" not in err
+        assert "No running workers." in cli("worker", "status").stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_worker_start_foreground(cli, queue, home):
+    cli("add", "--id", "fg", "echo fg")
+    env = dict(os.environ, QUEUECTL_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "worker", "start", "--foreground"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until(lambda: state_of(queue, "fg") == "completed", message="foreground worker ran it")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
