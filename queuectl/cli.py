@@ -606,7 +606,8 @@ def logs(job_id: str, follow: bool, attempt: Optional[int]) -> None:
     Examples:
       queuectl logs 42
       queuectl logs 42 --attempt 2
-      queuectl logs 42 --follow        # like tail -f; exits when the job finishes
+      queuectl logs 42 --follow        # like tail -f, through retries; exits when the job is
+                                       # completed, dead or cancelled
     """
     from queuectl import joblog
 
@@ -634,7 +635,7 @@ def logs(job_id: str, follow: bool, attempt: Optional[int]) -> None:
             out.write(chunk)
             out.flush()
             offset += len(chunk)
-        elif state in TERMINAL or (state == "failed" and offset):
+        elif state in TERMINAL:  # a failed attempt that will be retried is not the end
             return
         else:
             time.sleep(0.1)
