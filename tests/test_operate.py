@@ -450,3 +450,27 @@ def test_shell_completion(home):
     words = subprocess.run([sys.executable, "-m", "queuectl.cli"], capture_output=True, text=True,
                            env=env, timeout=60)
     assert "plain,worker" in words.stdout.splitlines()
+
+
+def test_logs_follow_continues_through_retries(cli, queue, workers, home, tmp_path):
+    go, wait_for_go = gate(tmp_path)
+    cli("config", "set", "backoff_base", "1")  # 1 s in 'failed' between the attempts
+    cli("add", "--id", "flaky", f"echo try-$QUEUECTL_ATTEMPT; {wait_for_go}; [ $QUEUECTL_ATTEMPT -ge 2 ]")
+    workers.start(1)
+    wait_until(lambda: state_of(queue, "flaky") == "processing", message="attempt 1 running")
+    env = dict(os.environ, QUEUECTL_HOME=str(home))
+    follower = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "logs", "flaky", "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in follower.stdout:
+            if "try-1" in line:
+                break
+        go.touch()
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 0, err
+        assert "attempt 2" in out and "try-2" in out, out
+        assert state_of(queue, "flaky") == "completed"
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
