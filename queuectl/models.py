@@ -165,6 +165,19 @@ class Queue:
         now = self.clock()
         return self.store.claim(worker_id, now, now + self.settings()["lease_seconds"])
 
+    def release(self, job: Dict[str, Any], worker_id: str) -> bool:
+        """Undo a claim whose job never started (the worker is stopping): back to the state
+        and attempt count it had, so the claim leaves no trace. False if no longer ours."""
+        now = self.clock()
+        with self.store.transaction():
+            back = self.store.update_job(job["id"], {
+                "state": "failed" if job["attempts"] > 1 else "pending", "attempts": job["attempts"] - 1,
+                "worker_id": None, "started_at": None, "lease_until": None, "updated_at": now,
+            }, states=("processing",), worker_id=worker_id)
+        if back:
+            self.notify()
+        return bool(back)
+
     def job_timeout(self, job: Dict[str, Any]) -> Optional[float]:
         return job["timeout"] if job["timeout"] is not None else self.settings()["job_timeout"]
 

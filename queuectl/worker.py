@@ -103,6 +103,8 @@ class Worker:
                 if job is None:
                     self._wait_for_work(next_recovery)
                     continue
+                if self.stopping:  # claimed as the stop arrived: hand it back, unrun
+                    break
                 outcome = self._execute(job)
                 job = self._finish(job, outcome)
             except QueueError as exc:  # storage trouble: say so, back off, keep going
@@ -111,6 +113,21 @@ class Worker:
             except Exception:  # never let one bad job or bug kill the worker
                 log.exception("unexpected error in worker loop")
                 self._sleep(1.0)
+        if job is not None:
+            self._release(job)
+
+    def _release(self, job: Dict[str, Any]) -> None:
+        """A job claimed (e.g. by finish's claim-next) but never started goes back unchanged,
+        so a graceful stop neither strands it in 'processing' nor burns one of its attempts."""
+        for attempt in range(10):
+            try:
+                if self.queue.release(job, self.worker_id):
+                    log.info("job %s: not started; returned to the queue", job["id"])
+                return
+            except QueueError as exc:
+                log.error("job %s: could not return it to the queue (%s); retrying", job["id"], exc)
+                time.sleep(min(0.1 * (attempt + 1), 1.0))
+        log.error("job %s: left claimed; recovery will return it when this worker is gone", job["id"])
 
     def _recover(self) -> None:
         for job_id in self.queue.recover(self._worker_alive, executor.kill_orphan_group):
@@ -156,6 +173,9 @@ class Worker:
         def on_event(woken: bool) -> executor.Abort:
             if woken:
                 self._drain()
+            if self.stopping and not self.force and not started.get("stop_noted"):
+                started["stop_noted"] = True  # logged here, not in the handler: not signal-safe
+                log.info("job %s: stop requested; letting it finish (signal again to kill it)", job["id"])
             if self.force:
                 return ("worker stopped (forced); job killed", False)
             now = time.monotonic()
