@@ -180,6 +180,37 @@ def process_cmdline(pid: int) -> str:
         return ""
 
 
+def process_argv(pid: int) -> "list[str]":
+    """The argument vector of ``pid`` (empty if gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return []
+    return [arg.decode("utf-8", "surrogateescape") for arg in raw.split(b"\0")[:-1]]
+
+
+def process_env(pid: int, name: str) -> Optional[str]:
+    """One environment variable of ``pid`` as it was at exec time (None if unset/unreadable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for item in raw.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode("utf-8", "surrogateescape")
+    return None
+
+
+def process_cwd(pid: int) -> Optional[str]:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

@@ -55,8 +55,9 @@ def remove_pid_file(paths: Paths, pid: int) -> None:
             pass
 
 
-def is_our_worker(record: Dict[str, Any]) -> bool:
-    """The PID is alive, started when recorded, and is a queuectl worker process."""
+def is_our_worker(record: Dict[str, Any], home: "Optional[os.PathLike[str]]" = None) -> bool:
+    """The PID is alive, started when recorded, and is a queuectl worker process — of
+    ``home`` when given: a worker of another QUEUECTL_HOME is not ours to signal."""
     pid = record.get("pid")
     if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
         return False
@@ -64,8 +65,35 @@ def is_our_worker(record: Dict[str, Any]) -> bool:
     if os.path.isdir("/proc"):
         if start is None or executor.process_start_time(pid) != start:
             return False
-        return WORKER_MODULE in executor.process_cmdline(pid)
+        if WORKER_MODULE not in executor.process_cmdline(pid):
+            return False
+        if home is None:
+            return True
+        theirs = worker_home(pid)
+        return theirs is not None and os.path.realpath(theirs) == os.path.realpath(home)
     return executor.pid_alive(pid)
+
+
+def worker_home(pid: int) -> Optional["os.PathLike[str]"]:
+    """The home a running worker serves: its --home argument, else its QUEUECTL_HOME, else
+    the default; as an absolute path (relative ones resolved against the worker's cwd)."""
+    argv = executor.process_argv(pid)
+    home: Optional[str] = None
+    for i, arg in enumerate(argv):
+        if arg == "--home" and i + 1 < len(argv):
+            home = argv[i + 1]
+        elif arg.startswith("--home="):
+            home = arg[len("--home="):]
+    if home is None:
+        home = executor.process_env(pid, "QUEUECTL_HOME") or None
+    if home is None:
+        return Paths(os.path.join(os.path.expanduser("~"), ".queuectl")).home
+    if not os.path.isabs(home):
+        cwd = executor.process_cwd(pid)
+        if cwd is None:
+            return None
+        home = os.path.join(cwd, home)
+    return Paths(home).home
 
 
 @dataclass
@@ -93,7 +121,7 @@ def list_workers(paths: Paths, clean: bool = True) -> List[WorkerInfo]:
                 raise ValueError("not an object")
         except (OSError, ValueError):
             record = {}
-        if is_our_worker(record):
+        if is_our_worker(record, paths.home):
             found.append(WorkerInfo(record["pid"], str(record.get("worker_id", "")),
                                     float(record.get("started_at") or 0), str(record.get("mode", ""))))
         elif clean:
@@ -173,6 +201,10 @@ def run_attached(paths: Paths, count: int, options: Sequence[str] = ()) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if presses["n"]:
+        # A worker still starting up when we forwarded SIGTERM dies of it before its handler
+        # exists; it had claimed nothing, so that is a clean stop, not a failure.
+        codes = [0 if c == -signal.SIGTERM else c for c in codes]
     return max((abs(c) for c in codes), default=0)
 
 
