@@ -272,3 +272,25 @@ def test_worker_start_foreground(cli, queue, home):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _catches(pid: int, signum: int) -> bool:
+    with open(f"/proc/{pid}/status") as handle:
+        mask = next(int(line.split()[1], 16) for line in handle if line.startswith("SigCgt:"))
+    return bool(mask & (1 << (signum - 1)))
+
+
+def test_attached_workers_stopped_while_starting_exit_0(home):
+    """SIGTERM forwarded before a worker installed its handler still means a clean stop."""
+    env = dict(os.environ, QUEUECTL_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "worker", "-n", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until(lambda: _catches(proc.pid, signal.SIGTERM), message="launcher forwards signals")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
