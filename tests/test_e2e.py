@@ -246,6 +246,7 @@ def test_attached_workers_with_backoff_override(cli, queue, home):
                    timeout=20, message="first failure recorded")
         job = queue.get("flop")
         assert abs(job["run_at"] - job["finished_at"] - 3.0) < 0.01  # 3 ** 1, not config's 2 ** 1
+        wait_until(lambda: _catches(proc.pid, signal.SIGTERM), message="launcher forwards signals")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
@@ -265,6 +266,7 @@ def test_worker_start_foreground(cli, queue, home):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_until(lambda: state_of(queue, "fg") == "completed", message="foreground worker ran it")
+        wait_until(lambda: _catches(proc.pid, signal.SIGTERM), message="launcher forwards signals")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
