@@ -724,6 +724,12 @@ def cancel(job_ids: Sequence[str], wait_s: float) -> None:
     queue = _queue()
     result = queue.cancel(job_ids)
     running = [j for j, s in result.items() if s == "cancelling"]
+    if running:
+        # A job whose worker died has nobody to kill it: recover it now (kills the orphaned
+        # process group, and a cancel-requested job becomes cancelled) instead of waiting.
+        from queuectl import executor, worker_launcher
+
+        queue.recover(worker_launcher.worker_alive, executor.kill_orphan_group)
     deadline = time.monotonic() + wait_s
     while running and time.monotonic() < deadline:
         states = queue.states(running)
