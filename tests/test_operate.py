@@ -474,3 +474,21 @@ def test_logs_follow_continues_through_retries(cli, queue, workers, home, tmp_pa
         if follower.poll() is None:
             follower.kill()
             follower.wait()
+
+
+def test_cancel_running_job_whose_worker_died(cli, queue, workers, tmp_path):
+    """Nobody is left to kill it: cancel itself kills the orphaned job and finishes at once."""
+    child = tmp_path / "child.pid"
+    cli("add", "--id", "orphan", f"sleep 60 & echo $! > {child}; wait")
+    worker = workers.start(1)[0]
+    pid = read_pid(child)
+    wait_until(lambda: queue.get("orphan")["job_pid"], message="job pid recorded by a heartbeat")
+    os.kill(worker, 9)
+    wait_until(lambda: not pid_alive(worker), message="worker gone")
+    started = time.monotonic()
+    result = cli("cancel", "orphan", "--wait", "20")
+    assert result.stdout == "Job orphan cancelled\n"
+    assert time.monotonic() - started < 10
+    job = queue.get("orphan")
+    assert job["state"] == "cancelled" and "worker died" in job["last_error"]
+    wait_until(lambda: not pid_alive(pid), message="the orphaned job is killed")
