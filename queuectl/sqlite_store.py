@@ -15,9 +15,12 @@ INSERT_COLUMNS = ("seq", "id", "command", "argv", "state", "priority", "max_retr
                   "run_at", "created_at", "updated_at", "unique_key", "deps_left")
 _INSERT_SQL = (f"INSERT INTO jobs ({', '.join(INSERT_COLUMNS)}) "
                f"VALUES ({', '.join('?' * len(INSERT_COLUMNS))})")
-# Must repeat the WHERE of the jobs_ready partial index term for term so SQLite uses it.
+# Must repeat the WHERE of the jobs_ready partial index term for term so SQLite may use it.
 _READY = "state IN ('pending', 'failed') AND deps_left = 0"
-_CLAIM_SQL = f"SELECT seq FROM jobs WHERE {_READY} AND run_at <= ? ORDER BY priority DESC, run_at, seq LIMIT 1"
+# INDEXED BY: without statistics the planner prefers jobs_state (state=?) plus a temp B-tree
+# sort of every ready row, i.e. O(pending) per claim (0.8 ms at 5000 pending, vs 5 us).
+_CLAIM_SQL = (f"SELECT seq FROM jobs INDEXED BY jobs_ready WHERE {_READY} AND run_at <= ? "
+              "ORDER BY priority DESC, run_at, seq LIMIT 1")
 _CHUNK = 500
 
 
@@ -76,7 +79,7 @@ class SqliteStore:
         return bool(self.db._retry_read(lambda: self.conn.execute(_CLAIM_SQL, (now,)).fetchone()))
 
     def next_run_at(self) -> "float | None":
-        rows = self.db.read(f"SELECT min(run_at) FROM jobs WHERE {_READY}")
+        rows = self.db.read(f"SELECT min(run_at) FROM jobs INDEXED BY jobs_ready WHERE {_READY}")
         return rows[0][0] if rows else None
 
     def update_job(self, job_id: str, fields: "dict[str, Any]", *, states: Sequence[str] = (),
@@ -105,7 +108,9 @@ class SqliteStore:
         return self.conn.execute(
             "UPDATE jobs SET deps_left = deps_left - 1, updated_at = ? "
             "WHERE id IN (SELECT job_id FROM job_deps WHERE dep_id = ?) AND deps_left > 0 "
-            "AND state IN ('pending', 'failed')", (now, dep_id)).rowcount
+            # '+state': keep the planner on the id index; scanning jobs_state made every
+            # finish O(pending) (0.4 ms at 5000 pending, vs 6 us).
+            "AND +state IN ('pending', 'failed')", (now, dep_id)).rowcount
 
     def delete_jobs(self, ids: Sequence[str]) -> int:
         deleted = 0
