@@ -240,54 +240,80 @@ def test_cli_refuses_a_short_token(cli):
     assert result.exit_code == 1 and "at least 8" in result.stderr
 
 
-def _read_line(proc: subprocess.Popen, deadline: float) -> str:
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            return proc.stdout.readline()
-        if proc.poll() is not None:
-            break
-    raise AssertionError(f"no output from queuectl dashboard (exit {proc.poll()}): {proc.stderr.read()}")
+class LineReader:
+    """Lines from a child's stdout with a deadline: select() on the raw fd, our own buffer.
+
+    (A buffered readline() could swallow two lines at once and leave select() waiting.)
+    """
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.buffer = b""
+
+    def line(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line from queuectl dashboard in {timeout}s; got {self.buffer!r}")
+            if select.select([fd], [], [], min(left, 0.5))[0]:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    raise AssertionError(f"queuectl dashboard exited ({self.proc.wait()}); got {self.buffer!r}")
+                self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
+
+
+def start_dashboard(home: Path, *args: str, **env_extra: str) -> subprocess.Popen:
+    env = dict(os.environ, QUEUECTL_HOME=str(home), **env_extra)
+    if "QUEUECTL_DASHBOARD_TOKEN" not in env_extra:
+        env.pop("QUEUECTL_DASHBOARD_TOKEN", None)
+    return subprocess.Popen([sys.executable, "-m", "queuectl.cli", "dashboard", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Always called: the dashboard never outlives its test."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+    proc.stdout.close()
 
 
 def test_cli_serves_on_an_ephemeral_port_and_stops_on_sigterm(home, queue):
     add(queue, id="one", command="true")
-    env = dict(os.environ, QUEUECTL_HOME=str(home))
-    env.pop("QUEUECTL_DASHBOARD_TOKEN", None)
-    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "dashboard", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_dashboard(home, "--port", "0")
     try:
-        first = _read_line(proc, time.monotonic() + 60)
+        out = LineReader(proc)
+        first = out.line()
         match = re.match(r"Dashboard: (http://127\.0\.0\.1:(\d+)/)#token=(\S+)$", first.strip())
         assert match, first
         base, port, token = match.group(1), int(match.group(2)), match.group(3)
-        assert port != 0 and port != 8420
-        assert token in _read_line(proc, time.monotonic() + 30)
+        assert port not in (0, 8420)
+        assert token in out.line()
         status, _, body = http(base + "api/status")
         assert status == 200 and body["jobs"]["pending"] == 1
         assert http(base + "api/pause", "POST")[0] == 403
         assert http(base + "api/pause", "POST", {TOKEN_HEADER: token})[0] == 200
         assert queue.paused()
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err
-        assert "Dashboard stopped." in out
+        assert proc.wait(timeout=30) == 0
+        assert "Press Ctrl-C to stop." in out.line() and "Dashboard stopped." in out.line()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop(proc)
 
 
 def test_cli_with_explicit_token_from_the_environment(home):
-    env = dict(os.environ, QUEUECTL_HOME=str(home), QUEUECTL_DASHBOARD_TOKEN="s3cret-token-for-test")
-    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "dashboard", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_dashboard(home, "--port", "0", QUEUECTL_DASHBOARD_TOKEN="s3cret-token-for-test")
     try:
-        first = _read_line(proc, time.monotonic() + 60)
+        first = LineReader(proc).line()
         assert "s3cret" not in first  # a chosen secret is not echoed into logs
         base = re.search(r"(http://127\.0\.0\.1:\d+/)", first).group(1)
         assert http(base + "api/pause", "POST", {TOKEN_HEADER: "s3cret-token-for-test"})[0] == 200
-    finally:
         proc.terminate()
-        proc.communicate(timeout=30)
-    assert proc.returncode == 0
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc)

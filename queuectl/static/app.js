@@ -179,11 +179,11 @@
       [j.id, j.command_text, j.last_error || ""].some((t) => String(t).toLowerCase().includes(needle)));
     const rows = jobs.map((j) => {
       const tr = el("tr", { "data-id": j.id },
-        el("td", { className: "mono" }, j.id),
-        el("td", null, stateBadge(j.state), j.cancel_requested ? " cancelling" : null),
+        el("td", { className: "id mono" }, j.id),
+        el("td", { className: "when" }, stateBadge(j.state), j.cancel_requested ? " cancelling" : null),
         el("td", { className: "num" }, j.attempts),
         el("td", { className: "num" }, j.priority),
-        el("td", null, when(j, now)),
+        el("td", { className: "when" }, when(j, now)),
         el("td", { className: "cmd mono", title: j.command_text }, j.command_text),
         el("td", { className: "err", title: j.last_error || "" }, j.last_error || ""));
       if (j.id === selected) tr.classList.add("selected");
@@ -198,7 +198,7 @@
 
   function renderDlq(data, now) {
     const rows = data.jobs.map((j) => el("tr", null,
-      el("td", { className: "mono" }, jobLink(j.id)),
+      el("td", { className: "id mono" }, jobLink(j.id)),
       el("td", { className: "num" }, j.attempts),
       el("td", null, duration(now - (j.finished_at || j.updated_at)) + " ago"),
       el("td", { className: "err", title: j.last_error || "" }, j.last_error || ""),
