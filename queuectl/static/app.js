@@ -184,13 +184,14 @@
         el("td", { className: "num" }, j.attempts),
         el("td", { className: "num" }, j.priority),
         el("td", { className: "when" }, when(j, now)),
-        el("td", { className: "cmd mono", title: j.command_text }, j.command_text),
-        el("td", { className: "err", title: j.last_error || "" }, j.last_error || ""));
+        el("td", { className: "cmd", title: j.command_text + (j.last_error ? "\n" + j.last_error : "") },
+           el("div", { className: "mono clip" }, j.command_text),
+           j.last_error && j.state !== "completed" ? el("div", { className: "err clip small" }, j.last_error) : null));
       if (j.id === selected) tr.classList.add("selected");
       tr.addEventListener("click", () => select(j.id));
       return tr;
     });
-    fill("jobs-table", rows, 7, needle ? "No job matches the filter." : "No jobs.");
+    fill("jobs-table", rows, 6, needle ? "No job matches the filter." : "No jobs.");
     let note = "Newest first; showing " + jobs.length + (needle ? " matching of " + data.jobs.length : "") + ".";
     if (data.more) note += " Older jobs exist: raise “Show” or use `queuectl list`.";
     $("jobs-note").textContent = note;
