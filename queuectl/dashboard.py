@@ -292,7 +292,13 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch(write=False)
 
     def do_POST(self) -> None:  # noqa: N802
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._json({"error": "bad Content-Length"}, HTTPStatus.BAD_REQUEST)
+            return
         if length > MAX_BODY:
             self._json({"error": "request body too large"}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             return

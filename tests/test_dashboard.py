@@ -108,6 +108,18 @@ def test_workers_endpoint_shows_a_real_worker_idle_then_busy(server, cli, worker
     wait_until(lambda: not workers.alive(), timeout=30, message="worker exit")
 
 
+def test_reads_change_nothing_not_even_stale_pid_files(server, queue, paths, home):
+    seed_jobs(queue)
+    paths.workers_dir.mkdir(parents=True, exist_ok=True)
+    stale = paths.workers_dir / "999999.json"
+    stale.write_text(json.dumps({"pid": 999999, "start": 1, "started_at": 1.0, "worker_id": "x:999999:1"}))
+    before = dump_db(home)
+    for path in ("/api/status", "/api/workers", "/api/jobs", "/api/jobs/reindex", "/"):
+        assert http(url(server, path))[0] == 200, path
+    assert http(url(server, "/api/status"))[2]["workers"] == []
+    assert stale.exists() and dump_db(home) == before
+
+
 # -- actions and their guard ----------------------------------------------------------------
 def test_action_without_or_with_wrong_token_is_refused_and_changes_nothing(server, queue, home):
     seed_jobs(queue)
@@ -180,6 +192,22 @@ def test_cancel_waiting_and_running_jobs(server, queue):
     assert post(server, "/api/jobs/thumbs-2/explode", server.token)[0] == 404
 
 
+def test_bad_or_huge_body_is_refused_before_any_action(server, queue):
+    import http.client
+
+    for length in ("-5", "abc", str(10 ** 9)):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            conn.putrequest("POST", "/api/pause")
+            conn.putheader("Content-Length", length)
+            conn.putheader(TOKEN_HEADER, server.token)
+            conn.endheaders()
+            assert conn.getresponse().status in (400, 413), length
+        finally:
+            conn.close()
+    assert not queue.paused()
+
+
 def test_unsafe_methods_and_preflight_get_no_cors_grant(server):
     for method in ("OPTIONS", "PUT", "DELETE"):
         status, head, _ = http(url(server, "/api/pause"), method,
@@ -233,6 +261,13 @@ def test_cli_refuses_a_non_loopback_host_without_token(cli, home, host):
     result = cli("dashboard", "--host", host, "--port", "0", ok=False)
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "--token" in result.stderr
+
+
+def test_cli_reports_a_port_in_use_in_one_line(cli, server):
+    result = cli("dashboard", "--port", str(server.port), ok=False)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and "in use" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_cli_refuses_a_short_token(cli):
