@@ -295,3 +295,27 @@ def test_attached_workers_stopped_while_starting_exit_0(home):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_frozen_worker_loses_its_lease_and_its_late_result_is_dropped(cli, queue, workers, home, tmp_path):
+    attempts = tmp_path / "attempts.txt"
+    cli("config", "set", "lease_seconds", "2")
+    cli("config", "set", "backoff_base", "0")
+    cli("add", "--id", "stuck",
+        f"echo $QUEUECTL_ATTEMPT >> {attempts}; if [ $QUEUECTL_ATTEMPT -lt 2 ]; then sleep 60; fi")
+    frozen = workers.start(1)[0]
+    job_pid = wait_until(lambda: queue.get("stuck")["job_pid"], message="job pid recorded")
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        workers.start(1)
+        wait_until(lambda: state_of(queue, "stuck") == "completed", timeout=30, message="recovered by lease")
+        details = queue.details("stuck")
+        assert details["attempts"] == 2 and "lease expired" in details["runs"][0]["error"]
+        wait_until(lambda: not pid_alive(job_pid), message="the frozen worker's job was killed")
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    log = Path(home, "logs", f"worker-{frozen}.log")
+    wait_until(lambda: "result dropped" in log.read_text(), message="thawed worker drops its result")
+    assert state_of(queue, "stuck") == "completed" and len(queue.details("stuck")["runs"]) == 2
+    assert attempts.read_text().split() == ["1", "2"]
+    assert frozen in workers.alive(), "the thawed worker carries on"
