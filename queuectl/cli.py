@@ -26,14 +26,34 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    """Click prints usage, a hint, a blank line and the error; scripts and humans get the
+    error and the hint on one stderr line instead (exit code stays 2)."""
+    def show(file: Any = None) -> None:
+        hint = f" (try '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"Error: {' '.join(exc.format_message().split())}{hint}", err=True)
+
+    exc.show = show  # type: ignore[method-assign]
+    return exc
+
+
 class QueueGroup(click.Group):
     """Turns every expected error into one line on stderr; never a traceback."""
+
+    def make_context(self, info_name: Optional[str], args: List[str],
+                     parent: Optional[click.Context] = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:  # e.g. `queuectl --bogus`
+            raise _one_line(exc)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except QueueError as exc:
             raise UserError(str(exc)) from None
+        except click.UsageError as exc:  # from any subcommand's parsing
+            raise _one_line(exc)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt,
                 BrokenPipeError):
             raise
