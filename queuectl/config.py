@@ -59,6 +59,9 @@ def parse_value(key: str, raw: Any) -> Any:
     except ValueError:
         raise InvalidInput(f"invalid value {raw!r} for {key}: expected {expected} "
                            f"from {_fmt(setting.low)} to {_fmt(setting.high)}") from None
+    if number != number or number in (float("inf"), float("-inf")):  # 'nan', 'inf', 1e999
+        raise InvalidInput(f"invalid value {raw!r} for {key}: must be from {_fmt(setting.low)} "
+                           f"to {_fmt(setting.high)}")
     if setting.kind is int:
         if number != int(number):
             raise InvalidInput(f"invalid value {raw!r} for {key}: expected {expected}")
