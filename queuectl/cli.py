@@ -418,18 +418,7 @@ def worker_stop(wait_s: float, force: bool) -> None:
 def _worker_rows() -> List[Dict[str, Any]]:
     from queuectl import worker_launcher
 
-    workers = worker_launcher.list_workers(_paths())
-    if not workers:
-        return []
-    busy = {row["worker_id"]: row for row in _queue().processing()}
-    now = time.time()
-    rows = []
-    for info in workers:
-        job = busy.get(info.worker_id)
-        rows.append({"pid": info.pid, "state": "busy" if job else "idle",
-                     "job": job["id"] if job else None, "uptime": round(now - info.started_at, 1),
-                     "started_at": info.started_at, "mode": info.mode, "worker_id": info.worker_id})
-    return rows
+    return worker_launcher.worker_rows(_paths(), lambda: _queue().processing())
 
 
 @worker.command("status")

@@ -106,22 +106,8 @@ def public_job(job: Dict[str, Any], with_output: bool = True) -> Dict[str, Any]:
 
 
 def worker_rows(paths: Paths, queue: Queue) -> List[Dict[str, Any]]:
-    """Live workers with busy/idle and current job (same shape as ``worker status --json``).
-
-    PID files are read without cleaning stale ones: a GET must not change anything.
-    """
-    workers = worker_launcher.list_workers(paths, clean=False)
-    if not workers:
-        return []
-    busy = {row["worker_id"]: row for row in queue.processing()}
-    now = time.time()
-    rows = []
-    for info in workers:
-        job = busy.get(info.worker_id)
-        rows.append({"pid": info.pid, "state": "busy" if job else "idle",
-                     "job": job["id"] if job else None, "uptime": round(now - info.started_at, 1),
-                     "started_at": info.started_at, "mode": info.mode, "worker_id": info.worker_id})
-    return rows
+    """Live workers; PID files are read without cleaning stale ones: a GET changes nothing."""
+    return worker_launcher.worker_rows(paths, queue.processing, clean=False)
 
 
 def live_output(paths: Paths, job_id: str) -> str:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from queuectl import executor
 from queuectl.paths import Paths
@@ -135,6 +135,26 @@ def list_workers(paths: Paths, clean: bool = True) -> List[WorkerInfo]:
             except OSError:
                 pass
     return found
+
+
+def worker_rows(paths: Paths, processing: Callable[[], List[Dict[str, Any]]],
+                clean: bool = True) -> List[Dict[str, Any]]:
+    """Live workers with idle/busy and current job: the shape of ``worker status --json``.
+
+    ``processing`` returns the jobs in state processing; it is only called when a worker lives.
+    """
+    workers = list_workers(paths, clean=clean)
+    if not workers:
+        return []
+    busy = {row["worker_id"]: row for row in processing()}
+    now = time.time()
+    rows = []
+    for info in workers:
+        job = busy.get(info.worker_id)
+        rows.append({"pid": info.pid, "state": "busy" if job else "idle",
+                     "job": job["id"] if job else None, "uptime": round(now - info.started_at, 1),
+                     "started_at": info.started_at, "mode": info.mode, "worker_id": info.worker_id})
+    return rows
 
 
 def worker_alive(worker_id: str) -> bool:
