@@ -128,10 +128,12 @@ class Database:
                 f"supports ({SCHEMA_VERSION}); upgrade queuectl (the file was not modified)")
         if version == SCHEMA_VERSION:
             return
+        self._refuse_foreign(version)  # before journal_mode=WAL, which already writes the file
         self._retry_read(lambda: self.conn.execute("PRAGMA journal_mode=WAL").fetchone())
         self._begin()
         try:
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            self._refuse_foreign(version)
             for index in range(version, SCHEMA_VERSION):
                 for statement in _statements(MIGRATIONS[index]):
                     self.conn.execute(statement)
@@ -140,6 +142,18 @@ class Database:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+
+    def _refuse_foreign(self, version: int) -> None:
+        """Version 0 with tables in it is some other program's SQLite file: never add ours."""
+        if version != 0:
+            return
+        names = [row[0] for row in self._retry_read(lambda: self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' LIMIT 4").fetchall())]
+        if names:
+            raise StorageError(
+                f"{self.path} is an SQLite file of another program (tables: {', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}), not a queuectl database; it was not modified. "
+                "Point QUEUECTL_HOME elsewhere")
 
     def _begin(self) -> None:
         deadline = time.monotonic() + BUSY_DEADLINE
@@ -155,13 +169,17 @@ class Database:
             delay = min(delay * 2, 0.01)
 
     def _retry_read(self, fn):
+        """Run a read, retrying while busy; any other database error (corrupt file, I/O
+        error) becomes one clear StorageError instead of escaping as a raw sqlite3 error."""
         deadline = time.monotonic() + BUSY_DEADLINE
         while True:
             try:
                 return fn()
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc) or time.monotonic() > deadline:
-                    raise
+                    raise StorageError(_describe(self.path, exc)) from None
+            except sqlite3.DatabaseError as exc:
+                raise StorageError(_describe(self.path, exc)) from None
             time.sleep(0.001 * (0.5 + random.random()))
 
     @contextmanager
@@ -177,9 +195,14 @@ class Database:
         self._in_txn = True
         try:
             yield self.conn
-        except BaseException:
+        except BaseException as exc:
             self._in_txn = False
-            self.conn.execute("ROLLBACK")
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.DatabaseError:
+                pass  # a corrupt file can refuse even this; the transaction is abandoned anyway
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
+                raise StorageError(_describe(self.path, exc)) from None  # e.g. malformed page
             raise
         self._in_txn = False
         try:
