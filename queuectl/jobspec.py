@@ -99,6 +99,14 @@ def parse_after(value: Any) -> List[str]:
 
 def parse_job(data: Any, *, now: float, default_cwd: "str | None") -> Dict[str, Any]:
     """Normalize one submission; raise InvalidInput with a one-line reason."""
+    if type(data) is dict and len(data) == 1:
+        # Fast path for the commonest bulk line, {"command": "..."}: same checks and result as
+        # below, without the generic field walk (bulk enqueue validates 100k of these a second).
+        command = data.get("command")
+        if type(command) is str and command.strip() and "\0" not in command and len(command) <= MAX_COMMAND:
+            return {"id": None, "command": command, "argv": 0, "priority": 0, "max_retries": None,
+                    "timeout": None, "cwd": default_cwd, "run_at": min(now, MAX_EPOCH),
+                    "unique_key": None, "after": []}
     if not isinstance(data, dict):
         raise InvalidInput(f"a job must be a JSON object, got {_kind(data)}")
     for name in data:

@@ -105,6 +105,16 @@ class Queue:
         deps: List[tuple] = []
         results: List[Enqueued] = []
         for index, spec in enumerate(specs):
+            if spec["id"] is None and spec["unique_key"] is None and not spec["after"]:
+                # Nothing to check for a plain job: the common bulk case, kept lean.
+                seq += 1
+                job_id = str(seq)
+                seen[job_id] = index
+                rows.append((seq, job_id, spec["command"], spec["argv"], "pending", spec["priority"],
+                             spec["max_retries"], spec["timeout"], spec["cwd"], spec["run_at"], now, now,
+                             None, 0))
+                results.append(Enqueued(job_id, True))
+                continue
             try:
                 job_id = spec["id"]
                 if job_id is not None and (job_id in existing or job_id in seen):
@@ -135,7 +145,8 @@ class Queue:
             seen[job_id] = index
             if key is not None:
                 keys_in_batch[key] = job_id
-            deps.extend((dep, job_id) for dep in spec["after"])
+            if spec["after"]:
+                deps.extend((dep, job_id) for dep in spec["after"])
             rows.append((seq, job_id, spec["command"], spec["argv"], "pending", spec["priority"],
                          spec["max_retries"], spec["timeout"], spec["cwd"], spec["run_at"], now, now,
                          key, deps_left))
