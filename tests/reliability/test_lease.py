@@ -1,0 +1,46 @@
+"""Leases and heartbeats: a worker that freezes (SIGSTOP) loses its job once the lease runs
+out; another worker kills the orphaned run, records it as "worker died (lease expired)" and
+runs the job again. When the frozen worker thaws, its stale result is dropped: the job
+completes exactly once, and the only extra execution is the recorded, interrupted one.
+"""
+from __future__ import annotations
+
+import signal
+from collections import Counter
+
+from helpers import wait_until
+from relhelpers import (alive, executions, jobs, query, record, runs, spawn_worker,
+                        worker_log_text)
+
+
+def test_frozen_worker_loses_its_lease_and_the_job_runs_again_once(cli, home, workers, tmp_path):
+    out = tmp_path / "executions"
+    cli("config", "set", "lease_seconds", "2")
+    cli("config", "set", "backoff_base", "0")
+    # Attempt 1 hangs; any later attempt finishes at once.
+    cli("add", "--id", "j", record(out, '[ "$QUEUECTL_ATTEMPT" -gt 1 ] || sleep 300'))
+    frozen = spawn_worker(home, workers)
+    wait_until(lambda: query(home, "SELECT job_pid FROM jobs WHERE id = 'j'")[0][0], timeout=30,
+               message="the first heartbeat to record the job's pid")
+    first_shell = executions(out)[0][2]
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        rescuer = spawn_worker(home, workers)
+        wait_until(lambda: jobs(home)["j"]["state"] == "completed", timeout=30, interval=0.1,
+                   message="another worker to recover and complete the job")
+        assert not alive(first_shell), "the orphaned first run must be killed, not left running"
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    wait_until(lambda: "job j: result dropped" in worker_log_text(home), timeout=30,
+               message="the thawed worker to drop its stale result")
+    job = jobs(home)["j"]
+    assert job["state"] == "completed" and job["attempts"] == 2, job
+    assert runs(home)[("j", 1)] == ["worker died (lease expired)"]
+    assert runs(home)[("j", 2)] == [None]
+    assert Counter(a for _, a, _ in executions(out)) == Counter({1: 1, 2: 1})
+    # The thawed worker notices it lost the job, drops its result and keeps serving.
+    cli("add", "--id", "after", record(out))
+    wait_until(lambda: jobs(home)["after"]["state"] == "completed", timeout=30, message="next job")
+    job = jobs(home)["j"]
+    assert job["state"] == "completed" and job["attempts"] == 2 and job["last_error"] is None, job
+    assert frozen.poll() is None and rescuer.poll() is None
