@@ -749,7 +749,8 @@ def cancel(job_ids: Sequence[str], wait_s: float) -> None:
         # process group, and a cancel-requested job becomes cancelled) instead of waiting.
         from queuectl import executor, worker_launcher
 
-        queue.recover(worker_launcher.worker_alive, executor.kill_orphan_group)
+        queue.recover(worker_launcher.worker_alive, executor.kill_orphan_group,
+                      lambda job_id, attempt: executor.kill_job_run(str(_paths().home), job_id, attempt))
     deadline = time.monotonic() + wait_s
     while running and time.monotonic() < deadline:
         states = queue.states(running)

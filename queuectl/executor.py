@@ -234,6 +234,38 @@ def pid_matches(pid: int, start: Optional[int]) -> bool:
     return process_start_time(pid) == start
 
 
+def kill_job_run(home: str, job_id: str, attempt: int) -> int:
+    """SIGKILL the process groups of whatever still runs ``attempt`` of ``job_id`` of ``home``.
+
+    Every job inherits QUEUECTL_HOME/JOB_ID/ATTEMPT from its worker, and /proc/PID/environ
+    shows them even when the job's pid was never recorded; a queuectl worker (which a job
+    may have started) is never a target. Returns how many groups were signalled.
+    """
+    if not os.path.isdir("/proc"):
+        return 0
+    wanted = {f"QUEUECTL_HOME={home}".encode(), f"QUEUECTL_JOB_ID={job_id}".encode(),
+              f"QUEUECTL_ATTEMPT={attempt}".encode()}
+    own_group = os.getpgrp()
+    groups = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                env = set(handle.read().split(b"\0"))
+            if not wanted <= env or "queuectl.worker" in process_cmdline(pid):
+                continue
+            groups.add(os.getpgid(pid))
+        except (OSError, ProcessLookupError):
+            continue
+    groups.discard(own_group)
+    for pgid in groups:
+        if pgid > 1:
+            _killpg(pgid, signal.SIGKILL)
+    return len(groups)
+
+
 def kill_orphan_group(pid: int, start: Optional[int]) -> None:
     """Kill a job's process group left behind by a dead worker, if that leader is still it."""
     if start is not None and pid_matches(pid, start):

@@ -271,8 +271,15 @@ class Queue:
         return bool(row and row["cancel_requested"])
 
     def recover(self, worker_alive: Callable[[str], bool],
-                kill_orphan: Optional[Callable[[int, Optional[int]], None]] = None) -> List[str]:
-        """Return jobs whose worker died (process gone or lease expired) to the retry path."""
+                kill_orphan: Optional[Callable[[int, Optional[int]], None]] = None,
+                kill_run: Optional[Callable[[str, int], None]] = None) -> List[str]:
+        """Return jobs whose worker died (process gone or lease expired) to the retry path.
+
+        Before a job goes back, its abandoned run is killed so two runs never overlap:
+        ``kill_orphan(pid, start)`` by the pid the heartbeat recorded, and
+        ``kill_run(job_id, attempt)`` by identity, for runs whose pid was never recorded
+        (the worker died within the job's first second) or whose leader already exited.
+        """
         now = self.clock()
         recovered = []
         for row in self.store.processing():
@@ -284,6 +291,8 @@ class Queue:
                 continue
             if kill_orphan and row["job_pid"]:
                 kill_orphan(row["job_pid"], row["job_pid_start"])
+            if kill_run:
+                kill_run(row["id"], row["attempts"])
             with self.store.transaction():
                 job = self.store.get(row["id"])
                 if not job or job["state"] != "processing" or job["worker_id"] != row["worker_id"]:

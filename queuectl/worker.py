@@ -7,6 +7,7 @@ job's process group, send the job back to the retry path, exit.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import select
@@ -130,7 +131,8 @@ class Worker:
         log.error("job %s: left claimed; recovery will return it when this worker is gone", job["id"])
 
     def _recover(self) -> None:
-        for job_id in self.queue.recover(self._worker_alive, executor.kill_orphan_group):
+        kill_run = functools.partial(executor.kill_job_run, str(self.paths.home))
+        for job_id in self.queue.recover(self._worker_alive, executor.kill_orphan_group, kill_run):
             log.warning("job %s: its worker died; returned to the retry path", job_id)
 
     def _worker_alive(self, worker_id: str) -> bool:

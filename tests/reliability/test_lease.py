@@ -44,3 +44,23 @@ def test_frozen_worker_loses_its_lease_and_the_job_runs_again_once(cli, home, wo
     job = jobs(home)["j"]
     assert job["state"] == "completed" and job["attempts"] == 2 and job["last_error"] is None, job
     assert frozen.poll() is None and rescuer.poll() is None
+
+
+def test_orphan_of_a_worker_killed_in_the_jobs_first_second_is_killed_before_the_rerun(
+        cli, home, workers, tmp_path):
+    """The worker dies before its first heartbeat recorded the job's pid: recovery must still
+    find and kill the orphaned run, or two copies of the job would run side by side."""
+    out = tmp_path / "executions"
+    cli("config", "set", "backoff_base", "0")
+    cli("add", "--id", "j", record(out, '[ "$QUEUECTL_ATTEMPT" -gt 1 ] || sleep 300'))
+    doomed = spawn_worker(home, workers)
+    wait_until(lambda: executions(out), timeout=30, message="attempt 1 to start")
+    first_shell = executions(out)[0][2]
+    assert query(home, "SELECT job_pid FROM jobs WHERE id = 'j'")[0][0] is None
+    doomed.kill()                       # the worker only: its job lives on as an orphan
+    doomed.wait()
+    spawn_worker(home, workers)
+    wait_until(lambda: jobs(home)["j"]["state"] == "completed", timeout=30, interval=0.1,
+               message="another worker to recover and complete the job")
+    assert runs(home)[("j", 1)] == ["worker died (process gone)"]
+    assert not alive(first_shell), "attempt 1 still runs next to attempt 2"
