@@ -27,6 +27,8 @@ def open_for_attempt(path: Path, head: bytes) -> "Tuple[int, int]":
 def read_tail(path: Path, start: int = 0, limit: int = TAIL_BYTES) -> str:
     """The last ``limit`` bytes after ``start``, decoded safely whatever the job printed."""
     try:
+        if os.stat(path).st_size <= start:
+            return ""  # nothing printed (the usual case): skip the open/read/close
         with open(path, "rb") as handle:
             size = handle.seek(0, os.SEEK_END)
             begin = max(start, size - limit)

@@ -21,6 +21,11 @@ _READY = "state IN ('pending', 'failed') AND deps_left = 0"
 # sort of every ready row, i.e. O(pending) per claim (0.8 ms at 5000 pending, vs 5 us).
 _CLAIM_SQL = (f"SELECT seq FROM jobs INDEXED BY jobs_ready WHERE {_READY} AND run_at <= ? "
               "ORDER BY priority DESC, run_at, seq LIMIT 1")
+_CLAIM_RETURNING_SQL = (
+    "UPDATE jobs SET state = 'processing', attempts = attempts + 1, worker_id = ?, "
+    "started_at = ?, finished_at = NULL, lease_until = ?, updated_at = ?, "
+    f"job_pid = NULL, job_pid_start = NULL, exit_code = NULL WHERE seq = ({_CLAIM_SQL}) RETURNING *")
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 _CHUNK = 500
 
 
@@ -64,6 +69,9 @@ class SqliteStore:
         self.conn.executemany("INSERT OR IGNORE INTO job_deps (dep_id, job_id) VALUES (?, ?)", pairs)
 
     def claim(self, worker_id: str, now: float, lease_until: float) -> "dict[str, Any] | None":
+        if _HAS_RETURNING:  # one statement instead of three, on every job's path
+            rows = _dicts(self.conn.execute(_CLAIM_RETURNING_SQL, (worker_id, now, lease_until, now, now)))
+            return rows[0] if rows else None
         row = self.conn.execute(_CLAIM_SQL, (now,)).fetchone()
         if row is None:
             return None
