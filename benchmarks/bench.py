@@ -78,6 +78,8 @@ _homes: List[Paths] = []
 
 
 def _cleanup() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not cut it short
+        signal.signal(sig, signal.SIG_IGN)
     for proc in _children:
         if proc.poll() is None:
             try:
@@ -386,8 +388,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temporary homes for inspection")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     started = time.monotonic()
     try:
         res = run(args.quick, args.keep)
