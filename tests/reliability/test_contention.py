@@ -65,7 +65,8 @@ def test_contention_no_locked_errors_and_exact_counts(cli, home, workers, tmp_pa
     out = tmp_path / "executions"
     good = enqueue_file(tmp_path / "good.jsonl", [record(out)] * (INITIAL - FAILING))
     cli("enqueue", "--file", str(good))
-    bad = enqueue_file(tmp_path / "bad.jsonl", [record(out, "exit 3")] * FAILING, max_retries=0)
+    bad = enqueue_file(tmp_path / "bad.jsonl", [record(out, "exit 3")] * FAILING, max_retries=0,
+                        priority=5)  # claimed first: they die early and keep the DLQ busy
     cli("enqueue", "--file", str(bad))
     failing_ids = {job_id for job_id, job in jobs(home).items() if job_id.isdigit()
                    and int(job_id) > INITIAL - FAILING}
