@@ -89,9 +89,13 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: Path, head: 
                            duration=time.monotonic() - started)
     finally:
         os.close(fd)
-    if on_start:
-        on_start(proc)
-    abort = _supervise(proc, started, timeout, wake_fds, on_event, tick)
+    try:
+        if on_start:
+            on_start(proc)
+        abort = _supervise(proc, started, timeout, wake_fds, on_event, tick)
+    except BaseException:
+        terminate_group(proc)  # never leave a run unsupervised behind an error
+        raise
     code = proc.returncode
     tail = joblog.read_tail(log_path, offset)
     duration = time.monotonic() - started

@@ -106,7 +106,13 @@ class Worker:
                     continue
                 if self.stopping:  # claimed as the stop arrived: hand it back, unrun
                     break
-                outcome = self._execute(job)
+                try:
+                    outcome = self._execute(job)
+                except Exception as exc:  # noqa: BLE001 - e.g. the log cannot be written (disk full)
+                    # This attempt is over (run_job never leaves a run behind): record it as
+                    # failed so it is retried as a NEW attempt, never re-run as this one.
+                    log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
+                    outcome = executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")
                 job = self._finish(job, outcome)
             except QueueError as exc:  # storage trouble: say so, back off, keep going
                 log.error("%s", exc)
@@ -188,11 +194,23 @@ class Worker:
                 if proc is not None and not started["pid_sent"]:
                     pid, pid_start = proc.pid, executor.process_start_time(proc.pid)
                     started["pid_sent"] = True
-                ours, cancel = queue.heartbeat(job, self.worker_id, pid, pid_start)
+                try:
+                    ours, cancel = queue.heartbeat(job, self.worker_id, pid, pid_start)
+                except QueueError as exc:
+                    # Disk full, I/O error...: keep supervising the run (abandoning it would
+                    # leave it unwatched and get the same attempt started again); if the
+                    # lease lapses meanwhile, recovery elsewhere and our next beat sort it out.
+                    log.error("job %s: heartbeat failed (%s); still running it", job["id"], exc)
+                    if pid is not None:
+                        started["pid_sent"] = False  # send the pid again with the next beat
+                    ours, cancel = True, False
                 if not ours:
                     return ("lease lost: the job was recovered elsewhere; this run was killed", False)
             elif woken:
-                cancel = queue.cancel_requested(job["id"])
+                try:
+                    cancel = queue.cancel_requested(job["id"])
+                except QueueError:
+                    cancel = False  # asked again at the next heartbeat
             else:
                 cancel = False
             if cancel:
