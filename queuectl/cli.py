@@ -196,9 +196,10 @@ def _read_batch(source: str) -> "tuple[List[Any], List[int]]":
     # 100k-line files; anything it does not take whole goes through json.loads as before.
     scan = json.JSONDecoder().scan_once
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+        stripped = line.strip()
+        if not stripped or stripped[0] == "#":
             continue
-        body = line.strip(" \t\r\n")  # exactly JSON's whitespace
+        body = stripped if stripped is line else line.strip(" \t\r\n")  # exactly JSON's whitespace
         try:
             item, end = scan(body, 0)
             whole = end == len(body)
