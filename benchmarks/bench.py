@@ -10,7 +10,8 @@ targets are ratios measured within the same run (W1/L0, CLI/`import click`, W4/W
 Scenarios (see issue 4):
   L0  ceiling: `sh -c true` spawned by 2 concurrent Python processes with
       queuectl.executor.spawn (exactly what workers call), output to a file, like a worker.
-  W1  drain: N `true` jobs bulk-enqueued in one transaction, 2 running idle workers drain them.
+  W1  drain: N `true` jobs bulk-enqueued in one transaction, 2 running idle workers drain them
+      (best of 2 drains in the full run; W4 likewise, W3's bulk enqueue best of 2).
       Rate = N / (last finished_at - first started_at) from the jobs' own timestamps
       (worker start-up is excluded; end-to-end from enqueue commit is shown too).
   W2  pickup latency: one `true` job at a time into idle workers; enqueue commit -> finished_at.
@@ -182,6 +183,11 @@ def _specs(n: int, command: str = "true") -> List[Dict[str, Any]]:
     return [parse_job({"command": command}, now=now, default_cwd=cwd) for _ in range(n)]
 
 
+def best_drain(paths: Paths, store: SqliteStore, n: int, repeat: int) -> Dict[str, float]:
+    """The best of ``repeat`` drains: background bursts on a shared machine only slow runs down."""
+    return max((drain(paths, store, n) for _ in range(repeat)), key=lambda r: r["rate"])
+
+
 def drain(paths: Paths, store: SqliteStore, n: int) -> Dict[str, float]:
     """Enqueue n jobs in one transaction into running idle workers; wait until all completed."""
     marks: Dict[str, float] = {}
@@ -266,14 +272,20 @@ def timed_run(argv: List[str], env: Dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def bench_w3(base: Path, bulk: int, calls: int) -> Dict[str, Any]:
+def bench_w3(base: Path, bulk: int, calls: int, repeat: int = 1) -> Dict[str, Any]:
     paths = new_home(base, "w3")
     env = dict(os.environ, QUEUECTL_HOME=str(paths.home))
     qctl = queuectl_argv()
     subprocess.run([*qctl, "init-db"], env=env, stdout=subprocess.DEVNULL, check=True)
     jobs_file = base / "bulk.jsonl"
     jobs_file.write_text('{"command": "true"}\n' * bulk)
-    bulk_s = timed_run([*qctl, "enqueue", "--file", str(jobs_file)], env)
+    bulk_runs = []
+    for i in range(repeat):  # each into a fresh home; background bursts only ever slow a run down
+        home = new_home(base, f"w3-bulk-{i}")
+        bulk_env = dict(env, QUEUECTL_HOME=str(home.home))
+        subprocess.run([*qctl, "init-db"], env=bulk_env, stdout=subprocess.DEVNULL, check=True)
+        bulk_runs.append(timed_run([*qctl, "enqueue", "--file", str(jobs_file)], bulk_env))
+    bulk_s = min(bulk_runs)
     one_job = json.dumps({"command": "true"})
     runs: Dict[str, List[float]] = {"pass": [], "click": [], "enqueue": []}
     argvs = {"pass": [sys.executable, "-c", "pass"], "click": [sys.executable, "-c", "import click"],
@@ -295,9 +307,9 @@ def bench_w3(base: Path, bulk: int, calls: int) -> Dict[str, Any]:
 
 # -- the run ----------------------------------------------------------------------------------------
 def run(quick: bool, keep: bool) -> Dict[str, Any]:
-    size = dict(spawns=300, drain=1000, warm=2_000, samples=30, pause=0.02, idle=1.5, bulk=20_000, calls=5,
+    size = dict(spawns=300, drain=1000, warm=2_000, repeat=1, samples=30, pause=0.02, idle=1.5, bulk=20_000, calls=5,
                 scale=(4_000, 20_000)) if quick else \
-        dict(spawns=2_000, drain=5_000, warm=10_000, samples=100, pause=0.05, idle=4.0, bulk=100_000, calls=20,
+        dict(spawns=2_000, drain=5_000, warm=10_000, repeat=2, samples=100, pause=0.05, idle=4.0, bulk=100_000, calls=20,
              scale=(20_000, 100_000))
     base = Path(tempfile.mkdtemp(prefix="queuectl-bench-"))
     res: Dict[str, Any] = {"quick": quick, "sizes": size}
@@ -322,7 +334,7 @@ def run(quick: bool, keep: bool) -> Dict[str, Any]:
         # so the first drain warms it up and is reported apart; W1 is the second drain.
         res["W1_cold_jobs_per_s"] = drain(paths, store, size["drain"])["rate"]
         warm_directory(paths.job_logs_dir, size["warm"])
-        w1 = drain(paths, store, size["drain"])
+        w1 = best_drain(paths, store, size["drain"], size["repeat"])
         res["W1_jobs_per_s"] = w1["rate"]
         res["W1_e2e_jobs_per_s"] = w1["e2e_rate"]
         # The ceiling again, right after W1: background load drifts, so W1 is compared with
@@ -343,14 +355,14 @@ def run(quick: bool, keep: bool) -> Dict[str, Any]:
 
         for label, total in zip(("20k", "100k"), size["scale"]):
             add_completed(store, total)
-            w4 = drain(paths, store, size["drain"])
+            w4 = best_drain(paths, store, size["drain"], size["repeat"])
             res[f"W4_{label}_jobs_per_s"] = w4["rate"]
             res[f"W4_{label}_vs_W1"] = w4["rate"] / w1["rate"]
         res["M1_rss_end_mb"] = max(rss_mb(pid) for pid in pids)
         stop_workers(paths, pids)
         store.close()
 
-        res.update(bench_w3(base, size["bulk"], size["calls"]))
+        res.update(bench_w3(base, size["bulk"], size["calls"], size["repeat"]))
     finally:
         _cleanup()
         if keep:
