@@ -6,8 +6,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 from queuectl.models import Queue
 from queuectl.paths import Paths
@@ -33,6 +34,20 @@ def run_queuectl(*args: str, home: Path, input: Optional[str] = None,
     env = dict(os.environ, QUEUECTL_HOME=str(home))
     return subprocess.run([sys.executable, "-m", "queuectl.cli", *args], input=input,
                           capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@contextmanager
+def spawn_queuectl(*args: str, home: Path, stdout: int = subprocess.DEVNULL) -> Iterator[subprocess.Popen]:
+    """A long-running queuectl command (attached workers, logs --follow) that is always ended."""
+    env = dict(os.environ, QUEUECTL_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", *args], stdout=stdout,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 class Workers:

@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from helpers import counts, run_queuectl, wait_until
+from helpers import counts, run_queuectl, spawn_queuectl, wait_until
 
 from queuectl.executor import pid_alive
 
@@ -237,10 +237,7 @@ def test_attached_workers_with_backoff_override(cli, queue, home):
     """`queuectl worker -n 2 --backoff-base 3`: attached, per-run backoff, Ctrl-C stops cleanly."""
     cli("add", "--id", "flop", "--max-retries", "1", "false")
     cli("add", "--id", "fine", "echo fine")
-    env = dict(os.environ, QUEUECTL_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "worker", "-n", "2", "--backoff-base", "3"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    with spawn_queuectl("worker", "-n", "2", "--backoff-base", "3", home=home) as proc:
         wait_until(lambda: state_of(queue, "flop") == "failed" and state_of(queue, "fine") == "completed",
                    timeout=20, message="first failure recorded")
         job = queue.get("flop")
@@ -252,27 +249,16 @@ def test_attached_workers_with_backoff_override(cli, queue, home):
         assert "job fine: attempt 1 started" in err and "completed" in err
         assert "Traceback" not in err
         assert "No running workers." in cli("worker", "status").stdout
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_worker_start_foreground(cli, queue, home):
     cli("add", "--id", "fg", "echo fg")
-    env = dict(os.environ, QUEUECTL_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "worker", "start", "--foreground"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    with spawn_queuectl("worker", "start", "--foreground", home=home) as proc:
         wait_until(lambda: state_of(queue, "fg") == "completed", message="foreground worker ran it")
         wait_until(lambda: _catches(proc.pid, signal.SIGTERM), message="launcher forwards signals")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _catches(pid: int, signum: int) -> bool:
@@ -283,18 +269,11 @@ def _catches(pid: int, signum: int) -> bool:
 
 def test_attached_workers_stopped_while_starting_exit_0(home):
     """SIGTERM forwarded before a worker installed its handler still means a clean stop."""
-    env = dict(os.environ, QUEUECTL_HOME=str(home))
-    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "worker", "-n", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    with spawn_queuectl("worker", "-n", "2", home=home) as proc:
         wait_until(lambda: _catches(proc.pid, signal.SIGTERM), message="launcher forwards signals")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_frozen_worker_loses_its_lease_and_its_late_result_is_dropped(cli, queue, workers, home, tmp_path):

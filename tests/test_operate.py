@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import counts, dump_db, wait_until
+from helpers import counts, dump_db, spawn_queuectl, wait_until
 
 from queuectl.executor import Outcome, pid_alive
 from queuectl.models import Queue
@@ -75,10 +75,7 @@ def test_logs_follow_streams_until_the_job_ends(cli, queue, workers, home, tmp_p
     cli("add", "--id", "stream", f"echo first-line; {wait_for_go}; echo second-line")
     workers.start(1)
     wait_until(lambda: state_of(queue, "stream") == "processing", message="job running")
-    env = dict(os.environ, QUEUECTL_HOME=str(home))
-    follower = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "logs", "stream", "--follow"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    with spawn_queuectl("logs", "stream", "--follow", home=home, stdout=subprocess.PIPE) as follower:
         seen = []
         for line in follower.stdout:
             seen.append(line)
@@ -92,10 +89,6 @@ def test_logs_follow_streams_until_the_job_ends(cli, queue, workers, home, tmp_p
         assert follower.returncode == 0, err
         assert "second-line" in rest
         assert state_of(queue, "stream") == "completed"
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
 
 
 def test_logs_follow_of_a_finished_job_prints_and_exits(cli, queue, workers):
@@ -458,10 +451,7 @@ def test_logs_follow_continues_through_retries(cli, queue, workers, home, tmp_pa
     cli("add", "--id", "flaky", f"echo try-$QUEUECTL_ATTEMPT; {wait_for_go}; [ $QUEUECTL_ATTEMPT -ge 2 ]")
     workers.start(1)
     wait_until(lambda: state_of(queue, "flaky") == "processing", message="attempt 1 running")
-    env = dict(os.environ, QUEUECTL_HOME=str(home))
-    follower = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "logs", "flaky", "-f"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    with spawn_queuectl("logs", "flaky", "-f", home=home, stdout=subprocess.PIPE) as follower:
         for line in follower.stdout:
             if "try-1" in line:
                 break
@@ -470,10 +460,6 @@ def test_logs_follow_continues_through_retries(cli, queue, workers, home, tmp_pa
         assert follower.returncode == 0, err
         assert "attempt 2" in out and "try-2" in out, out
         assert state_of(queue, "flaky") == "completed"
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
 
 
 def test_cancel_running_job_whose_worker_died(cli, queue, workers, tmp_path):
