@@ -106,44 +106,22 @@ class Queue:
         deps: List[tuple] = []
         results: List[Enqueued] = []
         for index, spec in enumerate(specs):
-            if spec["id"] is None and spec["unique_key"] is None and not spec["after"]:
-                # Nothing to check for a plain job: the common bulk case, kept lean.
-                seq += 1
-                job_id = str(seq)
-                seen[job_id] = index
-                rows.append((seq, job_id, spec["command"], spec["argv"], "pending", spec["priority"],
-                             spec["max_retries"], spec["timeout"], spec["cwd"], spec["run_at"], now, now,
-                             None, 0))
-                results.append(Enqueued(job_id, True))
-                continue
-            try:
-                job_id = spec["id"]
-                if job_id is not None and (job_id in existing or job_id in seen):
-                    raise Conflict(f"job {job_id!r} already exists")
-                key = spec["unique_key"]
-                if key is not None:
-                    holder = keys_in_batch.get(key) or store.active_with_key(key)
-                    if holder is not None:
-                        if if_exists == "skip":
-                            results.append(Enqueued(holder, False))
-                            continue
-                        raise Conflict(f"unique key {key!r} is held by active job {holder!r}")
-                deps_left = 0
-                for dep in spec["after"]:
-                    state = "pending" if dep in seen else dep_states.get(dep)
-                    if state is None:
-                        raise NotFound(f"unknown job {dep!r} in after")
-                    if state in ("dead", "cancelled"):
-                        raise Conflict(f"job {dep!r} in after is {state}; the new job could never run")
-                    if state != "completed":
-                        deps_left += 1
-                seq += 1
-                if job_id is None:
-                    job_id = str(seq)
-            except (Conflict, NotFound, InvalidInput) as exc:
-                exc.index = index  # type: ignore[attr-defined]
-                raise
+            deps_left = 0
+            if spec["id"] is not None or spec["unique_key"] is not None or spec["after"]:
+                # Plain jobs (the common bulk case) have nothing to check and skip this.
+                try:
+                    holder, deps_left = self._check_new(spec, existing, seen, keys_in_batch,
+                                                        dep_states, if_exists)
+                except (Conflict, NotFound, InvalidInput) as exc:
+                    exc.index = index  # type: ignore[attr-defined]
+                    raise
+                if holder is not None:  # --if-exists skip: report the active job instead
+                    results.append(Enqueued(holder, False))
+                    continue
+            seq += 1
+            job_id = spec["id"] or str(seq)
             seen[job_id] = index
+            key = spec["unique_key"]
             if key is not None:
                 keys_in_batch[key] = job_id
             if spec["after"]:
@@ -156,6 +134,34 @@ class Queue:
         if deps:
             store.insert_deps(deps)
         return results
+
+    def _check_new(self, spec: Dict[str, Any], existing: Dict[str, str], seen: Dict[str, int],
+                   keys_in_batch: Dict[str, str], dep_states: Dict[str, str],
+                   if_exists: str) -> "tuple[Optional[str], int]":
+        """Duplicate id, unique key and dependency checks for one new job.
+
+        Returns (id of the active job holding its unique key when skipping, dependencies left).
+        """
+        job_id = spec["id"]
+        if job_id is not None and (job_id in existing or job_id in seen):
+            raise Conflict(f"job {job_id!r} already exists")
+        key = spec["unique_key"]
+        if key is not None:
+            holder = keys_in_batch.get(key) or self.store.active_with_key(key)
+            if holder is not None:
+                if if_exists == "skip":
+                    return holder, 0
+                raise Conflict(f"unique key {key!r} is held by active job {holder!r}")
+        deps_left = 0
+        for dep in spec["after"]:
+            state = "pending" if dep in seen else dep_states.get(dep)
+            if state is None:
+                raise NotFound(f"unknown job {dep!r} in after")
+            if state in ("dead", "cancelled"):
+                raise Conflict(f"job {dep!r} in after is {state}; the new job could never run")
+            if state != "completed":
+                deps_left += 1
+        return None, deps_left
 
     # -- worker side ----------------------------------------------------------------------
     def paused(self) -> bool:
