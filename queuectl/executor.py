@@ -176,14 +176,6 @@ def process_start_time(pid: int) -> Optional[int]:
     return int(fields[19])
 
 
-def process_cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def process_argv(pid: int) -> "list[str]":
     """The argument vector of ``pid`` (empty if gone or unreadable)."""
     try:
@@ -192,6 +184,11 @@ def process_argv(pid: int) -> "list[str]":
     except OSError:
         return []
     return [arg.decode("utf-8", "surrogateescape") for arg in raw.split(b"\0")[:-1]]
+
+
+def process_cmdline(pid: int) -> str:
+    """The command line of ``pid`` as one string (empty if gone or unreadable)."""
+    return " ".join(process_argv(pid))
 
 
 def process_env(pid: int, name: str) -> Optional[str]:
