@@ -748,10 +748,9 @@ def cancel(job_ids: Sequence[str], wait_s: float) -> None:
     if running:
         # A job whose worker died has nobody to kill it: recover it now (kills the orphaned
         # process group, and a cancel-requested job becomes cancelled) instead of waiting.
-        from queuectl import executor, worker_launcher
+        from queuectl import worker_launcher
 
-        queue.recover(worker_launcher.worker_alive, executor.kill_orphan_group,
-                      lambda job_id, attempt: executor.kill_job_run(str(_paths().home), job_id, attempt))
+        worker_launcher.recover_dead_workers_jobs(queue, _paths())
     deadline = time.monotonic() + wait_s
     while running and time.monotonic() < deadline:
         states = queue.states(running)

@@ -7,7 +7,6 @@ job's process group, send the job back to the retry path, exit.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import select
@@ -137,12 +136,8 @@ class Worker:
         log.error("job %s: left claimed; recovery will return it when this worker is gone", job["id"])
 
     def _recover(self) -> None:
-        kill_run = functools.partial(executor.kill_job_run, str(self.paths.home))
-        for job_id in self.queue.recover(self._worker_alive, executor.kill_orphan_group, kill_run):
+        for job_id in worker_launcher.recover_dead_workers_jobs(self.queue, self.paths, self.worker_id):
             log.warning("job %s: its worker died; returned to the retry path", job_id)
-
-    def _worker_alive(self, worker_id: str) -> bool:
-        return worker_id == self.worker_id or worker_launcher.worker_alive(worker_id)
 
     def _try_claim(self) -> Optional[Dict[str, Any]]:
         while self.queue.has_ready():

@@ -170,6 +170,18 @@ def worker_alive(worker_id: str) -> bool:
     return executor.pid_matches(pid, start) and WORKER_MODULE in (executor.process_cmdline(pid) or WORKER_MODULE)
 
 
+def recover_dead_workers_jobs(queue: Any, paths: Paths, own_worker_id: Optional[str] = None) -> List[str]:
+    """Send jobs of dead workers back (models.Queue.recover), killing what is left of their
+    runs: by the pid their heartbeat recorded, else by the job's identity in /proc."""
+    def alive(worker_id: str) -> bool:
+        return worker_id == own_worker_id or worker_alive(worker_id)
+
+    def kill_run(job_id: str, attempt: int) -> None:
+        executor.kill_job_run(str(paths.home), job_id, attempt)
+
+    return queue.recover(alive, executor.kill_orphan_group, kill_run)
+
+
 def _worker_argv(paths: Paths, options: Sequence[str]) -> List[str]:
     return [sys.executable, "-m", WORKER_MODULE, "--home", str(paths.home), *options]
 
