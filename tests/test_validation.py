@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -195,3 +196,28 @@ def test_duplicate_id_late_in_file_rolls_back_everything(cli, home, seeded):
     assert result.exit_code == 1
     assert result.stderr.startswith("error: line 51:") and "dup" in result.stderr
     assert dump_db(home) == seeded
+
+
+@pytest.mark.parametrize("command", ["echo hi", "  spaced  ", "x" * 1000])
+def test_plain_command_fast_path_matches_the_general_path(command):
+    """parse_job has a fast path for {"command": ...}; it must normalize exactly like the
+    general path, which an explicit default field forces."""
+    from queuectl.jobspec import parse_job
+
+    fast = parse_job({"command": command}, now=1000.0, default_cwd="/tmp")
+    general = parse_job({"command": command, "priority": 0}, now=1000.0, default_cwd="/tmp")
+    assert fast == general
+
+
+@pytest.mark.parametrize("command", ["", "   ", "a\0b", 5, None, ["echo"]])
+def test_fast_path_leaves_bad_or_unusual_commands_to_the_general_path(command):
+    from queuectl.errors import InvalidInput
+    from queuectl.jobspec import parse_job
+
+    try:
+        fast = parse_job({"command": command}, now=1000.0, default_cwd="/tmp")
+    except InvalidInput as exc:
+        with pytest.raises(InvalidInput, match=re.escape(str(exc))):
+            parse_job({"command": command, "priority": 0}, now=1000.0, default_cwd="/tmp")
+    else:
+        assert fast == parse_job({"command": command, "priority": 0}, now=1000.0, default_cwd="/tmp")
