@@ -5,9 +5,8 @@ import os
 import random
 import sqlite3
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Optional
 
 from queuectl.errors import StorageError
 
@@ -66,6 +65,17 @@ MIGRATIONS: "list[str]" = [
     CREATE INDEX job_runs_job ON job_runs(job_id);
     CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    """,
+    # Version 2: fewer pages written per job (issue 4). Completed jobs, the bulk of the table,
+    # leave jobs_state (counts of them come from count(*)), and a successful final attempt
+    # is no longer copied into job_runs: the jobs row itself is that run's record.
+    """
+    DROP INDEX jobs_state;
+    CREATE INDEX jobs_state ON jobs(state, seq)
+        WHERE state IN ('pending', 'processing', 'failed', 'dead', 'cancelled');
+    DELETE FROM job_runs WHERE rowid IN (
+        SELECT r.rowid FROM job_runs r JOIN jobs j ON j.id = r.job_id
+        WHERE j.state = 'completed' AND r.attempt = j.attempts AND r.error IS NULL);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -182,35 +192,9 @@ class Database:
                 raise StorageError(_describe(self.path, exc)) from None
             time.sleep(0.001 * (0.5 + random.random()))
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> "Transaction":
         """A short write transaction; nests by joining the outer one."""
-        if self._in_txn:
-            yield self.conn
-            return
-        try:
-            self._begin()
-        except sqlite3.DatabaseError as exc:
-            raise StorageError(_describe(self.path, exc)) from None
-        self._in_txn = True
-        try:
-            yield self.conn
-        except BaseException as exc:
-            self._in_txn = False
-            try:
-                self.conn.execute("ROLLBACK")
-            except sqlite3.DatabaseError:
-                pass  # a corrupt file can refuse even this; the transaction is abandoned anyway
-            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
-                raise StorageError(_describe(self.path, exc)) from None  # e.g. malformed page
-            raise
-        self._in_txn = False
-        try:
-            self.conn.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise StorageError(_describe(self.path, exc)) from None
+        return Transaction(self)
 
     def read(self, sql: str, params: "tuple | list" = ()) -> "list[tuple]":
         try:
@@ -236,3 +220,48 @@ def _statements(script: str) -> "list[str]":
             buf = ""
     return [p for p in parts if p]
 
+
+class Transaction:
+    """``with db.transaction():`` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception.
+
+    A class rather than @contextmanager because it is on every job's path (finish + claim).
+    """
+
+    __slots__ = ("db", "joined")
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.joined = False
+
+    def __enter__(self) -> sqlite3.Connection:
+        db = self.db
+        if db._in_txn:
+            self.joined = True
+            return db.conn
+        try:
+            db._begin()
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(_describe(db.path, exc)) from None
+        db._in_txn = True
+        return db.conn
+
+    def __exit__(self, exc_type: Any, exc: Optional[BaseException], _tb: Any) -> bool:
+        if self.joined:
+            return False
+        db = self.db
+        db._in_txn = False
+        if exc is not None:
+            try:
+                db.conn.execute("ROLLBACK")
+            except sqlite3.DatabaseError:
+                pass  # a corrupt file can refuse even this; the transaction is abandoned anyway
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
+                raise StorageError(_describe(db.path, exc)) from None  # e.g. malformed page
+            return False
+        try:
+            db.conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            raise StorageError(_describe(db.path, exc)) from None
+        return False

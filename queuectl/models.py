@@ -178,8 +178,7 @@ class Queue:
             return self._claim_locked(worker_id)
 
     def _claim_locked(self, worker_id: str) -> Optional[Dict[str, Any]]:
-        if self.store.flag("paused") is not None:
-            return None
+        # The store's claim returns None while the "paused" flag is set (same statement).
         now = self.clock()
         return self.store.claim(worker_id, now, now + self.settings()["lease_seconds"])
 
@@ -230,8 +229,9 @@ class Queue:
             fields.update(self._failure_fields(job, outcome.error, now))
         if not self.store.update_job(job["id"], fields, states=("processing",), worker_id=worker_id):
             return "lost"
-        self.store.add_run(job["id"], job["attempts"], worker_id, job["started_at"], now,
-                           outcome.exit_code, fields.get("last_error"))
+        if fields["state"] != "completed":  # a completed job's row is its last run's record
+            self.store.add_run(job["id"], job["attempts"], worker_id, job["started_at"], now,
+                               outcome.exit_code, fields.get("last_error"))
         self._after_state_change(job["id"], fields["state"], now)
         return fields["state"]
 

@@ -140,9 +140,9 @@ class Worker:
             log.warning("job %s: its worker died; returned to the retry path", job_id)
 
     def _try_claim(self) -> Optional[Dict[str, Any]]:
-        while self.queue.has_ready():
+        while self.queue.has_ready():  # False while paused
             job = self.queue.claim(self.worker_id)
-            if job is not None or self.queue.paused():
+            if job is not None:
                 return job
         return None
 

@@ -50,9 +50,11 @@ def jobs(home: Path) -> Dict[str, dict]:
 
 
 def runs(home: Path) -> Dict[Tuple[str, int], List[Optional[str]]]:
-    """(job id, attempt) -> errors recorded for it in job_runs (None = success)."""
+    """(job id, attempt) -> errors recorded for it (None = success): job_runs holds every
+    attempt except a completed job's last, whose record is the job row itself."""
     found: Dict[Tuple[str, int], List[Optional[str]]] = {}
-    for job_id, attempt, error in query(home, "SELECT job_id, attempt, error FROM job_runs"):
+    for job_id, attempt, error in query(home, "SELECT job_id, attempt, error FROM job_runs UNION ALL "
+                                              "SELECT id, attempts, NULL FROM jobs WHERE state = 'completed'"):
         found.setdefault((job_id, attempt), []).append(error)
     return found
 

@@ -1,0 +1,80 @@
+"""The SQLite store's own promises: schema migrations, counts and run history stay exact
+although completed jobs are kept out of jobs_state and job_runs (schema version 2)."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from queuectl import database
+from queuectl.executor import Outcome
+from queuectl.jobspec import parse_job
+from queuectl.models import STATES, Queue
+from queuectl.sqlite_store import SqliteStore
+
+W = "host:1:1"
+
+
+def add(q: Queue, job_id: str) -> None:
+    q.enqueue([parse_job({"id": job_id, "command": "true"}, now=q.clock(), default_cwd="/")])
+
+
+def ground_truth_counts(db: Path) -> dict:
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute("SELECT state, count(*) FROM jobs NOT INDEXED GROUP BY state").fetchall()
+    finally:
+        conn.close()
+    return {state: dict(rows).get(state, 0) for state in STATES}
+
+
+def test_counts_match_a_full_scan_in_every_state(paths, store):
+    q = Queue(store)
+    for n in range(9):
+        add(q, f"j{n}")
+    for n in range(4):
+        q.finish(q.claim(W), Outcome(0, None), W)          # completed
+    q.finish(q.claim(W), Outcome(1, "exit code 1"), W)      # failed (will retry)
+    q.claim(W)                                              # processing
+    q.cancel(["j8"])                                        # cancelled
+    q.config_set("max_retries", "0")
+    q.finish(q.claim(W), Outcome(1, "exit code 1"), W)      # dead
+    assert q.counts() == ground_truth_counts(paths.db)
+    assert q.counts()["completed"] == 4 and sum(q.counts().values()) == 9
+
+
+def test_history_of_a_job_that_failed_then_completed(store):
+    q = Queue(store)
+    add(q, "flaky")
+    q.finish(q.claim(W), Outcome(3, "exit code 3"), W)
+    q.retry(["flaky"])
+    q.finish(q.claim(W), Outcome(0, None), W)
+    runs = q.details("flaky")["runs"]
+    assert [(r["attempt"], r["exit_code"], r["error"]) for r in runs] == [(1, 3, "exit code 3"), (2, 0, None)]
+    assert runs[1]["worker_id"] == W and runs[1]["started_at"] <= runs[1]["finished_at"]
+
+
+def test_a_version_1_database_is_migrated_without_doubling_history(tmp_path):
+    db = tmp_path / "queue.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(database.MIGRATIONS[0])
+    conn.execute("PRAGMA user_version=1")
+    conn.execute("INSERT INTO jobs (id, command, state, attempts, run_at, created_at, updated_at, "
+                 "started_at, finished_at, worker_id, exit_code) "
+                 "VALUES ('old', 'true', 'completed', 2, 0, 0, 0, 5, 6, 'w', 0)")
+    conn.execute("INSERT INTO jobs (id, command, state, attempts, run_at, created_at, updated_at) "
+                 "VALUES ('waiting', 'true', 'pending', 0, 0, 0, 0)")
+    conn.executemany("INSERT INTO job_runs (job_id, attempt, worker_id, started_at, finished_at, "
+                     "exit_code, error) VALUES ('old', ?, 'w', ?, ?, ?, ?)",
+                     [(1, 1, 2, 1, "exit code 1"), (2, 5, 6, 0, None)])
+    conn.close()
+
+    store = SqliteStore(db)
+    try:
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == database.SCHEMA_VERSION == 2
+        runs = store.runs("old")
+        assert [(r["attempt"], r["error"]) for r in runs] == [(1, "exit code 1"), (2, None)]
+        assert Queue(store).counts() == ground_truth_counts(db)
+        assert Queue(store).claim(W)["id"] == "waiting"
+    finally:
+        store.close()
