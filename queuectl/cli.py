@@ -386,10 +386,12 @@ def worker(ctx: click.Context, count: int, backoff_base: Optional[float]) -> Non
 @click.option("--foreground/--background", default=False,
               help="Attach to this terminal and log each job (default: detached).")
 @click.option("--backoff-base", type=float, help="Override config backoff_base for these workers.")
-def worker_start(count: int, foreground: bool, backoff_base: Optional[float]) -> None:
+@click.option("--log-jobs", is_flag=True,
+              help="Detached workers log every job's start and completion too (failures always are).")
+def worker_start(count: int, foreground: bool, backoff_base: Optional[float], log_jobs: bool) -> None:
     """Start N workers; detached by default (PID files in workers/, logs in logs/)."""
     _check_count(count)
-    options = _worker_options(backoff_base)
+    options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
     _queue()
     from queuectl import worker_launcher
 

@@ -9,6 +9,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from helpers import counts, run_queuectl, spawn_queuectl, wait_until
 
 from queuectl.executor import pid_alive
@@ -259,6 +261,20 @@ def test_worker_start_foreground(cli, queue, home):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("log_jobs", [False, True])
+def test_detached_workers_log_each_job_only_with_log_jobs(cli, queue, workers, home, log_jobs):
+    cli("add", "--id", "fine", "true")
+    cli("add", "--id", "broken", "--max-retries", "0", "exit 3")
+    [pid] = workers.start(1, *(["--log-jobs"] if log_jobs else []))
+    wait_until(lambda: state_of(queue, "fine") == "completed" and state_of(queue, "broken") == "dead",
+               message="both jobs ran")
+    log = Path(home, "logs", f"worker-{pid}.log")
+    wait_until(lambda: "job broken: failed" in log.read_text(), message="failure logged")
+    text = log.read_text()
+    assert ("job fine: completed in" in text) == log_jobs
+    assert ("job fine: attempt 1 started" in text) == log_jobs
 
 
 def _catches(pid: int, signum: int) -> bool:
