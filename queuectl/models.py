@@ -217,23 +217,22 @@ class Queue:
     _wake_after_commit = False
 
     def _finish_locked(self, job: Dict[str, Any], outcome: Any, worker_id: str, now: float) -> str:
-        fields: Dict[str, Any] = {
-            "finished_at": now, "updated_at": now, "lease_until": None, "job_pid": None,
-            "job_pid_start": None, "exit_code": outcome.exit_code, "output_tail": outcome.tail,
-        }
+        run_at = None
         if outcome.cancelled:
-            fields.update(state="cancelled", last_error=outcome.error or "cancelled while running")
+            state, error = "cancelled", outcome.error or "cancelled while running"
         elif outcome.ok:
-            fields.update(state="completed", last_error=None)
+            state, error = "completed", None
         else:
-            fields.update(self._failure_fields(job, outcome.error, now))
-        if not self.store.update_job(job["id"], fields, states=("processing",), worker_id=worker_id):
+            failure = self._failure_fields(job, outcome.error, now)
+            state, error, run_at = failure["state"], failure["last_error"], failure.get("run_at")
+        if not self.store.record_outcome(job["id"], worker_id, state, now, outcome.exit_code,
+                                         outcome.tail, error, run_at):
             return "lost"
-        if fields["state"] != "completed":  # a completed job's row is its last run's record
+        if state != "completed":  # a completed job's row is its last run's record
             self.store.add_run(job["id"], job["attempts"], worker_id, job["started_at"], now,
-                               outcome.exit_code, fields.get("last_error"))
-        self._after_state_change(job["id"], fields["state"], now)
-        return fields["state"]
+                               outcome.exit_code, error)
+        self._after_state_change(job["id"], state, now)
+        return state
 
     def _failure_fields(self, job: Dict[str, Any], error: str, now: float) -> Dict[str, Any]:
         settings = self.settings()

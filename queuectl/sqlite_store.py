@@ -78,8 +78,8 @@ class SqliteStore:
     def claim(self, worker_id: str, now: float, lease_until: float) -> "dict[str, Any] | None":
         """The next ready job (CLAIM_COLUMNS only), now processing; None if none or paused."""
         if _HAS_RETURNING:  # one statement instead of three, on every job's path
-            rows = _dicts(self.conn.execute(_CLAIM_RETURNING_SQL, (worker_id, now, lease_until, now, now)))
-            return rows[0] if rows else None
+            row = self.conn.execute(_CLAIM_RETURNING_SQL, (worker_id, now, lease_until, now, now)).fetchone()
+            return dict(zip(CLAIM_COLUMNS, row)) if row else None
         row = self.conn.execute(_CLAIM_SQL, (now,)).fetchone()
         if row is None:
             return None
@@ -108,6 +108,19 @@ class SqliteStore:
             sql += " AND worker_id = ?"
             params.append(worker_id)
         return self.conn.execute(sql, params).rowcount
+
+    def record_outcome(self, job_id: str, worker_id: str, state: str, now: float,
+                       exit_code: "int | None", tail: str, error: "str | None",
+                       run_at: "float | None") -> int:
+        """A finished run's result, if the job is still ours (processing, our worker_id).
+
+        update_job does the same in general; this fixed statement is on every job's path.
+        """
+        return self.conn.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, lease_until = NULL, "
+            "job_pid = NULL, job_pid_start = NULL, exit_code = ?, output_tail = ?, last_error = ?, "
+            "run_at = coalesce(?, run_at) WHERE id = ? AND state = 'processing' AND worker_id = ?",
+            (state, now, now, exit_code, tail, error, run_at, job_id, worker_id)).rowcount
 
     def add_run(self, job_id: str, attempt: int, worker_id: "str | None", started_at: "float | None",
                 finished_at: float, exit_code: "int | None", error: "str | None") -> None:
