@@ -78,8 +78,10 @@ class SqliteStore:
     def claim(self, worker_id: str, now: float, lease_until: float) -> "dict[str, Any] | None":
         """The next ready job (CLAIM_COLUMNS only), now processing; None if none or paused."""
         if _HAS_RETURNING:  # one statement instead of three, on every job's path
-            row = self.conn.execute(_CLAIM_RETURNING_SQL, (worker_id, now, lease_until, now, now)).fetchone()
-            return dict(zip(CLAIM_COLUMNS, row)) if row else None
+            # fetchall, not fetchone: it steps the statement to its end, so it is finished
+            # (not merely pending) before COMMIT, whatever the cursor's lifetime.
+            rows = self.conn.execute(_CLAIM_RETURNING_SQL, (worker_id, now, lease_until, now, now)).fetchall()
+            return dict(zip(CLAIM_COLUMNS, rows[0])) if rows else None
         row = self.conn.execute(_CLAIM_SQL, (now,)).fetchone()
         if row is None:
             return None
