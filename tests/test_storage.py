@@ -78,3 +78,19 @@ def test_a_version_1_database_is_migrated_without_doubling_history(tmp_path):
         assert Queue(store).claim(W)["id"] == "waiting"
     finally:
         store.close()
+
+
+def test_plain_batches_store_the_same_rows_as_the_general_path(store):
+    """Batches without ids, keys or dependencies take a shortcut; it must not drift."""
+    q = Queue(store, clock=lambda: 1_800_000_000.0)
+    spec = {"command": ["echo", "x"], "priority": 3, "max_retries": 2, "timeout": 9, "delay": 5}
+    plain = [parse_job(dict(spec), now=q.clock(), default_cwd="/tmp") for _ in range(2)]
+    general = [parse_job(dict(spec), now=q.clock(), default_cwd="/tmp"),
+               parse_job({"id": "named", "command": "true"}, now=q.clock(), default_cwd="/tmp")]
+    assert [r.id for r in q.enqueue(plain)] == ["1", "2"]
+    assert [r.id for r in q.enqueue(general)] == ["3", "named"]
+    assert [r.id for r in q.enqueue(plain[:1])] == ["5"]
+    rows = {job_id: store.get(job_id) for job_id in ("1", "3", "5")}
+    for row in rows.values():
+        del row["seq"], row["id"]
+    assert rows["1"] == rows["3"] == rows["5"]
