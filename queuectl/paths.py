@@ -14,26 +14,16 @@ class Paths:
         if home is None:
             home = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".queuectl")
         self.home = Path(home).absolute()
-
-    @property
-    def db(self) -> Path:
-        return self.home / "queue.db"
-
-    @property
-    def workers_dir(self) -> Path:
-        return self.home / "workers"
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.home / "logs"
-
-    @property
-    def job_logs_dir(self) -> Path:
-        return self.home / "logs" / "jobs"
+        # Plain attributes, not properties: workers look these up for every job.
+        self.db = self.home / "queue.db"
+        self.workers_dir = self.home / "workers"
+        self.logs_dir = self.home / "logs"
+        self.job_logs_dir = self.logs_dir / "jobs"
+        self._job_logs_prefix = f"{self.job_logs_dir}{os.sep}"
 
     def job_log(self, job_id: str) -> Path:
         # Job ids are validated (no '/', no '..'), so they are safe file names.
-        return self.job_logs_dir / f"{job_id}.log"
+        return Path(f"{self._job_logs_prefix}{job_id}.log")
 
     def worker_log(self, pid: int) -> Path:
         return self.logs_dir / f"worker-{pid}.log"
