@@ -26,6 +26,10 @@ class Outcome:
     tail: str = ""
     cancelled: bool = False
     duration: float = 0.0
+    # Wall-clock times of the run; a worker may record a result a few jobs later (it
+    # batches short jobs), and these keep the recorded times those of the run itself.
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
 
     @property
     def ok(self) -> bool:
@@ -71,13 +75,19 @@ def _start_error(exc: OSError, command: str, argv: bool, cwd: Optional[str]) -> 
     return f"failed to start: {exc.strerror or exc}"
 
 
-def run_job(command: str, argv: bool, cwd: Optional[str], log_path: Path, head: bytes,
-            timeout: Optional[float], env: "dict[str, str]",
+def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path", job_id: str,
+            attempt: int, worker_id: str, timeout: Optional[float], env: "dict[str, str]",
             wake_fds: Sequence[int] = (), on_event: Optional[Callable[[bool], Abort]] = None,
-            tick: float = 1.0, on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> Outcome:
-    """Run to completion, calling ``on_event(woken)`` when a wake fd is readable or every ``tick``."""
-    started = time.monotonic()
-    fd, offset = joblog.open_for_attempt(log_path, head)
+            tick: float = 1.0, on_start: Optional[Callable[[subprocess.Popen], None]] = None,
+            first_tick: Optional[float] = None) -> Outcome:
+    """Run to completion, calling ``on_event(woken)`` when a wake fd is readable, after
+    ``first_tick`` (default ``tick``) and then every ``tick``.
+
+    The log gets the attempt's header before the run and its result line after it: the
+    result line is what lets recovery tell a finished run from an interrupted one.
+    """
+    started, started_at = time.monotonic(), time.time()
+    fd, offset = joblog.open_for_attempt(log_path, joblog.header(job_id, attempt, worker_id, command))
     try:
         os.environ.update(env)
         try:
@@ -85,35 +95,41 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: Path, head: 
         except OSError as exc:
             message = _start_error(exc, command, argv, cwd)
             os.write(fd, f"queuectl: {message}\n".encode())
-            return Outcome(None, message, joblog.read_tail(log_path, offset),
-                           duration=time.monotonic() - started)
+            outcome = Outcome(None, message, joblog.tail_of(fd, offset))
+        else:
+            try:
+                if on_start:
+                    on_start(proc)
+                abort = _supervise(proc, started, timeout, wake_fds, on_event, tick, first_tick)
+            except BaseException:
+                terminate_group(proc)  # never leave a run unsupervised behind an error
+                raise
+            code = proc.returncode
+            tail = joblog.tail_of(fd, offset)
+            if abort is not None:
+                reason, cancelled = abort
+                os.write(fd, f"\nqueuectl: {reason}\n".encode())
+                outcome = Outcome(code, reason, tail, cancelled=cancelled)
+            else:
+                outcome = Outcome(code, describe_exit(code, argv), tail)
+        outcome.duration = time.monotonic() - started
+        outcome.started_at, outcome.finished_at = started_at, started_at + outcome.duration
+        try:
+            os.write(fd, joblog.result_line(job_id, attempt, outcome.error))
+        except OSError:
+            pass  # e.g. disk full: the run is over all the same, and its outcome is known
+        return outcome
     finally:
         os.close(fd)
-    try:
-        if on_start:
-            on_start(proc)
-        abort = _supervise(proc, started, timeout, wake_fds, on_event, tick)
-    except BaseException:
-        terminate_group(proc)  # never leave a run unsupervised behind an error
-        raise
-    code = proc.returncode
-    tail = joblog.read_tail(log_path, offset)
-    duration = time.monotonic() - started
-    if abort is not None:
-        reason, cancelled = abort
-        with open(log_path, "ab") as handle:
-            handle.write(f"\nqueuectl: {reason}\n".encode())
-        return Outcome(code, reason, tail, cancelled=cancelled, duration=duration)
-    return Outcome(code, describe_exit(code, argv), tail, duration=duration)
 
 
 def _supervise(proc: subprocess.Popen, started: float, timeout: Optional[float],
                wake_fds: Sequence[int], on_event: Optional[Callable[[bool], Abort]],
-               tick: float) -> Abort:
+               tick: float, first_tick: Optional[float] = None) -> Abort:
     pidfd = os.pidfd_open(proc.pid) if _HAS_PIDFD else None
     try:
         deadline = started + timeout if timeout else None
-        next_tick = started + tick
+        next_tick = started + (tick if first_tick is None else first_tick)
         while True:
             now = time.monotonic()
             wait = next_tick - now

@@ -1,4 +1,4 @@
-"""Per-job log files: one file per job, each attempt introduced by a header line."""
+"""Per-job log files: one file per job, each attempt between a header and a result line."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 TAIL_BYTES = 4096
-_HEADER = re.compile(rb"^=== queuectl job (\S+) attempt (\d+) .*===$", re.M)
+# What recovery reads back from the end of a log to learn how an attempt ended.
+STATUS_BYTES = 65536
+# "started" is part of the pattern: the result line below must never count as a header.
+_HEADER = re.compile(rb"^=== queuectl job (\S+) attempt (\d+) started .*===$", re.M)
+# "---", not "===": whatever counts "=== queuectl job X attempt N" lines still counts headers.
+_RESULT = re.compile(rb"^--- queuectl job (\S+) attempt (\d+) finished: (.*) ---$", re.M)
+OK_RESULT = "exit 0"
 
 
 def header(job_id: str, attempt: int, worker_id: str, command: str) -> bytes:
@@ -17,29 +23,76 @@ def header(job_id: str, attempt: int, worker_id: str, command: str) -> bytes:
             f"$ {command}\n").encode("utf-8", "replace")
 
 
-def open_for_attempt(path: Path, head: bytes) -> "Tuple[int, int]":
-    """Open the log for appending, write the attempt header; return (fd, offset of output)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def result_line(job_id: str, attempt: int, error: Optional[str]) -> bytes:
+    """The attempt's last line: ``exit 0`` or the error that will be recorded for it."""
+    result = OK_RESULT if error is None else " ".join(error.split())
+    return f"--- queuectl job {job_id} attempt {attempt} finished: {result} ---\n".encode("utf-8", "replace")
+
+
+def open_for_attempt(path: "str | Path", head: bytes) -> "Tuple[int, int]":
+    """Open the log for reading and appending, write the attempt header; return (fd, offset
+    of the output). The caller keeps the fd for the tail and the result line."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     os.write(fd, head)
     return fd, os.lseek(fd, 0, os.SEEK_END)
 
 
-def read_tail(path: Path, start: int = 0, limit: int = TAIL_BYTES) -> str:
-    """The last ``limit`` bytes after ``start``, decoded safely whatever the job printed."""
-    try:
-        if os.stat(path).st_size <= start:
-            return ""  # nothing printed (the usual case): skip the open/read/close
-        with open(path, "rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            begin = max(start, size - limit)
-            handle.seek(begin)
-            data = handle.read(limit)
-    except OSError:
+def tail_of(fd: int, start: int = 0, limit: int = TAIL_BYTES) -> str:
+    """The last ``limit`` bytes after ``start`` of an open log, decoded safely whatever the job
+    printed ("" at once, with one fstat, when it printed nothing: the usual case)."""
+    size = os.fstat(fd).st_size
+    if size <= start:
         return ""
-    text = data.decode("utf-8", "replace")
+    begin = max(start, size - limit)
+    text = os.pread(fd, limit, begin).decode("utf-8", "replace")
     if begin > start:
         text = "…" + text.split("\n", 1)[-1] if "\n" in text else "…" + text
     return text
+
+
+def read_tail(path: Path, start: int = 0, limit: int = TAIL_BYTES) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return ""
+    try:
+        return tail_of(fd, start, limit)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def attempt_status(path: Path, attempt: int, worker_id: str) -> "Tuple[bool, Optional[str]]":
+    """How ``attempt`` of the claim by ``worker_id`` went, as far as its log tells:
+    (started, result). ``result`` is its result line's text ("exit 0" or an error), None
+    while it has none (never started, still running, or its worker died mid-run).
+
+    The worker is part of the match because attempt numbers start again after a DLQ retry.
+    A header missing from a log too large to read whole counts as started: when unsure,
+    recovery must assume the command ran.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - STATUS_BYTES))
+            data = handle.read()
+    except FileNotFoundError:
+        return False, None  # a worker creates the log before it starts the command
+    except OSError:
+        return True, None
+    wanted, ours = str(attempt).encode(), b" on " + worker_id.encode() + b" ==="
+    begin = -1
+    for match in _HEADER.finditer(data):
+        if match.group(2) == wanted and match.group(0).endswith(ours):
+            begin = match.start()
+    if begin < 0 and size <= STATUS_BYTES:
+        return False, None
+    started, result = True, None
+    for match in _RESULT.finditer(data, max(begin, 0)):
+        if match.group(2) == wanted:
+            result = match.group(3).decode("utf-8", "replace")
+    return started, result
 
 
 def attempts(path: Path) -> "List[Tuple[int, int]]":

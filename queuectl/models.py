@@ -186,44 +186,76 @@ class Queue:
 
     def claim(self, worker_id: str) -> Optional[Dict[str, Any]]:
         with self.store.transaction():
-            return self._claim_locked(worker_id)
+            jobs = self._claim_locked(worker_id, 1)
+        return jobs[0] if jobs else None
 
-    def _claim_locked(self, worker_id: str) -> Optional[Dict[str, Any]]:
-        # The store's claim returns None while the "paused" flag is set (same statement).
+    def _claim_locked(self, worker_id: str, limit: int) -> List[Dict[str, Any]]:
+        # The store's claim returns nothing while the "paused" flag is set (same statement).
         now = self.clock()
-        return self.store.claim(worker_id, now, now + self.settings()["lease_seconds"])
+        return self.store.claim(worker_id, now, now + self.settings()["lease_seconds"], limit)
 
     def release(self, job: Dict[str, Any], worker_id: str) -> bool:
         """Undo a claim whose job never started (the worker is stopping): back to the state
         and attempt count it had, so the claim leaves no trace. False if no longer ours."""
-        now = self.clock()
-        with self.store.transaction():
-            back = self.store.update_job(job["id"], {
-                "state": "failed" if job["attempts"] > 1 else "pending", "attempts": job["attempts"] - 1,
-                "worker_id": None, "started_at": None, "lease_until": None, "updated_at": now,
-            }, states=("processing",), worker_id=worker_id)
-        if back:
-            self.notify()
-        return bool(back)
+        return self.settle((), worker_id, release=(job,))[0] == ["released"]
+
+    def _release_locked(self, job: Dict[str, Any], worker_id: str, now: float) -> str:
+        """One claimed, never started job back (see release); one cancelled meanwhile is
+        cancelled instead: going back would let it be claimed again."""
+        current = self.store.get(job["id"])
+        if not current or current["state"] != "processing" or current["worker_id"] != worker_id:
+            return "lost"
+        fields: Dict[str, Any] = {"attempts": current["attempts"] - 1, "worker_id": None,
+                                  "started_at": None, "lease_until": None, "updated_at": now}
+        if current["cancel_requested"]:
+            state = "cancelled"
+            fields.update(last_error="cancelled by user before it started", finished_at=now)
+        else:
+            state = "failed" if current["attempts"] > 1 else "pending"
+            self._wake_after_commit = True
+        fields["state"] = state
+        self.store.update_job(job["id"], fields, states=("processing",), worker_id=worker_id)
+        if state == "cancelled":
+            self._cascade_cancel(job["id"], state, now)
+            return state
+        return "released"
 
     def job_timeout(self, job: Dict[str, Any]) -> Optional[float]:
         return job["timeout"] if job["timeout"] is not None else self.settings()["job_timeout"]
 
     def finish(self, job: Dict[str, Any], outcome: Any, worker_id: str,
                claim_next: bool = False) -> "tuple[str, Optional[Dict[str, Any]]]":
-        """Record a run's outcome and, in the same short transaction, claim the next job.
+        """Record one run's outcome and, in the same transaction, claim the next job.
 
         Returns (new state of the finished job or 'lost', next job or None). 'lost' means
         the job was taken from us (lease expired and recovered) and the result is dropped.
         """
+        states, claimed = self.settle(((job, outcome),), worker_id, claim=1 if claim_next else 0)
+        return states[0], (claimed[0] if claimed else None)
+
+    def settle(self, results: Sequence["tuple[Dict[str, Any], Any]"], worker_id: str, *,
+               release: Sequence[Dict[str, Any]] = (), claim: int = 0
+               ) -> "tuple[List[str], List[Dict[str, Any]]]":
+        """A worker's bookkeeping in ONE short transaction: record finished runs, hand back
+        claimed jobs it will not start, and claim up to ``claim`` more.
+
+        Returns (the new state of each result, then of each released job ('released', or
+        'cancelled' if a cancel came first, or 'lost'), the jobs claimed). A transaction
+        per job is most of a short job's cost; batching several is what lets a worker keep
+        up with the machine's process spawning rate.
+        """
         now = self.clock()
         with self.store.transaction():
-            state = self._finish_locked(job, outcome, worker_id, now)
-            nxt = self._claim_locked(worker_id) if claim_next else None
+            states = [self._finish_locked(job, outcome, worker_id, now) for job, outcome in results]
+            completed = [job["id"] for (job, _), state in zip(results, states) if state == "completed"]
+            if completed:  # one statement for all of them
+                self._release_dependents(completed, now)
+            states += [self._release_locked(job, worker_id, now) for job in release]
+            claimed = self._claim_locked(worker_id, claim) if claim else []
         if self._wake_after_commit:
             self._wake_after_commit = False
             self.notify()
-        return state, nxt
+        return states, claimed
 
     _wake_after_commit = False
 
@@ -236,14 +268,16 @@ class Queue:
         else:
             failure = self._failure_fields(job, outcome.error, now)
             state, error, run_at = failure["state"], failure["last_error"], failure.get("run_at")
-        if not self.store.record_outcome(job["id"], worker_id, state, now, outcome.exit_code,
-                                         outcome.tail, error, run_at):
+        started = outcome.started_at if outcome.started_at is not None else job["started_at"]
+        finished = outcome.finished_at if outcome.finished_at is not None else now
+        if not self.store.record_outcome(job["seq"], worker_id, state, now, started, finished,
+                                         outcome.exit_code, outcome.tail, error, run_at):
             return "lost"
         if state != "completed":  # a completed job's row is its last run's record
-            self.store.add_run(job["id"], job["attempts"], worker_id, job["started_at"], now,
+            self.store.add_run(job["id"], job["attempts"], worker_id, started, finished,
                                outcome.exit_code, error)
-        self._after_state_change(job["id"], state, now)
-        return state
+            self._after_state_change(job["id"], state, now)
+        return state  # the caller releases a completed job's dependents
 
     def _failure_fields(self, job: Dict[str, Any], error: str, now: float) -> Dict[str, Any]:
         settings = self.settings()
@@ -255,10 +289,13 @@ class Queue:
 
     def _after_state_change(self, job_id: str, state: str, now: float) -> None:
         if state == "completed":
-            if self.store.release_dependents(job_id, now):
-                self._wake_after_commit = True
+            self._release_dependents([job_id], now)
         elif state in ("dead", "cancelled"):
             self._cascade_cancel(job_id, state, now)
+
+    def _release_dependents(self, job_ids: Sequence[str], now: float) -> None:
+        if self.store.release_dependents(job_ids, now):
+            self._wake_after_commit = True
 
     def _cascade_cancel(self, job_id: str, state: str, now: float) -> None:
         todo = [(job_id, state)]
@@ -289,16 +326,24 @@ class Queue:
 
     def recover(self, worker_alive: Callable[[str], bool],
                 kill_orphan: Optional[Callable[[int, Optional[int]], None]] = None,
-                kill_run: Optional[Callable[[str, int], None]] = None) -> List[str]:
-        """Return jobs whose worker died (process gone or lease expired) to the retry path.
+                kill_run: Optional[Callable[[str, int], None]] = None,
+                run_result: Optional[Callable[[str, int, str], "tuple[bool, bool, Optional[str]]"]] = None
+                ) -> Dict[str, str]:
+        """Settle the jobs whose worker died (process gone or lease expired).
 
         Before a job goes back, its abandoned run is killed so two runs never overlap:
         ``kill_orphan(pid, start)`` by the pid the heartbeat recorded, and
         ``kill_run(job_id, attempt)`` by identity, for runs whose pid was never recorded
         (the worker died within the job's first second) or whose leader already exited.
+        ``run_result(job_id, attempt, worker_id)`` -> (started, finished, error) is what the
+        run left in its log: a claim that never started goes back as if never made, and a
+        run that finished before its worker could record it (a worker records short jobs a
+        few at a time) gets its real result instead of running again. Without it, or when
+        the run did not finish, the job returns to the retry path as "worker died".
+        Returns {job id: what became of it}: its new state, or "released" (never started).
         """
         now = self.clock()
-        recovered = []
+        recovered: Dict[str, str] = {}
         for row in self.store.processing():
             if row["lease_until"] is not None and row["lease_until"] < now:
                 reason = "worker died (lease expired)"
@@ -310,23 +355,33 @@ class Queue:
                 kill_orphan(row["job_pid"], row["job_pid_start"])
             if kill_run:
                 kill_run(row["id"], row["attempts"])
+            started, finished, error = (run_result(row["id"], row["attempts"], row["worker_id"])
+                                        if run_result else (True, False, None))
             with self.store.transaction():
                 job = self.store.get(row["id"])
                 if not job or job["state"] != "processing" or job["worker_id"] != row["worker_id"]:
                     continue
+                if not started:
+                    recovered[job["id"]] = self._release_locked(job, row["worker_id"], now)
+                    continue
+                exit_code = None
                 if job["cancel_requested"]:
                     fields = {"state": "cancelled", "last_error": "cancelled (its worker died)"}
+                elif finished and error is None:
+                    fields, exit_code = {"state": "completed", "last_error": None}, 0
                 else:
-                    fields = self._failure_fields(job, reason, now)
+                    fields = self._failure_fields(job, error if finished else reason, now)
                 fields.update(finished_at=now, updated_at=now, lease_until=None, job_pid=None,
-                              job_pid_start=None, exit_code=None)
+                              job_pid_start=None, exit_code=exit_code)
                 if self.store.update_job(job["id"], fields, states=("processing",),
                                          worker_id=row["worker_id"]):
-                    self.store.add_run(job["id"], job["attempts"], job["worker_id"], job["started_at"],
-                                       now, None, fields["last_error"])
+                    if fields["state"] != "completed":
+                        self.store.add_run(job["id"], job["attempts"], job["worker_id"],
+                                           job["started_at"], now, None, fields["last_error"])
                     self._after_state_change(job["id"], fields["state"], now)
-                    recovered.append(job["id"])
-        if recovered:
+                    recovered[job["id"]] = fields["state"]
+        if recovered or self._wake_after_commit:
+            self._wake_after_commit = False
             self.notify()
         return recovered
 
@@ -438,6 +493,7 @@ class Queue:
         with self.store.transaction():
             if self.store.flag("paused") is None:
                 self.store.set_flag("paused", str(self.clock()))
+        self.notify()  # workers hand back jobs they claimed but have not started
 
     def resume(self) -> None:
         with self.store.transaction():

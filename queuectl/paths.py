@@ -22,8 +22,12 @@ class Paths:
         self._job_logs_prefix = f"{self.job_logs_dir}{os.sep}"
 
     def job_log(self, job_id: str) -> Path:
+        return Path(self.job_log_name(job_id))
+
+    def job_log_name(self, job_id: str) -> str:
+        """job_log as a plain string, for the worker's per-job path (no Path to build)."""
         # Job ids are validated (no '/', no '..'), so they are safe file names.
-        return Path(f"{self._job_logs_prefix}{job_id}.log")
+        return f"{self._job_logs_prefix}{job_id}.log"
 
     def worker_log(self, pid: int) -> Path:
         return self.logs_dir / f"worker-{pid}.log"

@@ -13,9 +13,10 @@ import select
 import signal
 import sys
 import time
-from typing import Any, Dict, Optional
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from queuectl import executor, joblog, wakeup, worker_launcher
+from queuectl import executor, wakeup, worker_launcher
 from queuectl.errors import QueueError
 from queuectl.models import Queue
 from queuectl.paths import Paths
@@ -23,8 +24,21 @@ from queuectl.sqlite_store import SqliteStore
 
 RECOVER_EVERY = 2.0  # seconds between checks for jobs whose worker died
 HEARTBEAT_EVERY = 1.0
+# Short jobs are claimed and recorded a few per transaction: one transaction per job was
+# a third of a worker's CPU per `true`. Claimed jobs wait at most HOLD_LIMIT behind a run.
+PREFETCH = 8        # jobs claimed at once while runs are short
+SHORT_JOB = 0.010   # seconds: a run this short lets the next claim take PREFETCH jobs
+HOLD_LIMIT = 0.020  # seconds: held jobs go back to the queue once a run takes this long
 
 log = logging.getLogger("queuectl.worker")
+
+RECOVERED = {  # what a recovered job's new state means, for the worker log
+    "released": "it had not started; back in the queue",
+    "completed": "it had finished; recorded as completed from its log",
+    "failed": "returned to the retry path",
+    "dead": "no retries left; moved to the DLQ",
+    "cancelled": "cancelled, as requested",
+}
 
 
 class Worker:
@@ -39,6 +53,9 @@ class Worker:
         self.pid = os.getpid()
         self.stop_requests = 0
         self.force = False
+        self.held: Deque[Dict[str, Any]] = deque()  # claimed, not started yet (claim order)
+        self.done: List[Tuple[Dict[str, Any], executor.Outcome]] = []  # ran, not recorded yet
+        self.batch = 1  # jobs the next claim may take
 
     # -- signals --------------------------------------------------------------------------
     def _on_stop(self, signum: int, _frame: Any) -> None:
@@ -81,6 +98,7 @@ class Worker:
         record = worker_launcher.write_pid_file(paths, self.pid, "foreground" if self.foreground else "detached")
         self.worker_id = record["worker_id"]
         self.doorbell = wakeup.Doorbell(paths.workers_dir, self.pid)
+        os.environ["QUEUECTL_HOME"] = str(paths.home)  # every job sees it (set once, not per job)
         store = SqliteStore(paths.db, durable=False)
         self.queue = Queue(store, notify=lambda: wakeup.ring(paths.workers_dir), overrides=self.overrides)
         log.info("worker %s started (pid %d, db %s)", self.worker_id, self.pid, paths.db)
@@ -95,59 +113,93 @@ class Worker:
 
     def _loop(self) -> None:
         next_recovery = 0.0
-        job: Optional[Dict[str, Any]] = None
         while not self.stopping:
             try:
                 if time.monotonic() >= next_recovery:
                     self._recover()
                     next_recovery = time.monotonic() + RECOVER_EVERY
-                if job is None:
-                    job = self._try_claim()
+                job = self._next_job()
                 if job is None:
                     self._wait_for_work(next_recovery)
                     continue
                 if self.stopping:  # claimed as the stop arrived: hand it back, unrun
+                    self.held.appendleft(job)
                     break
-                try:
-                    outcome = self._execute(job)
-                except Exception as exc:  # noqa: BLE001 - e.g. the log cannot be written (disk full)
-                    # This attempt is over (run_job never leaves a run behind): record it as
-                    # failed so it is retried as a NEW attempt, never re-run as this one.
-                    log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
-                    outcome = executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")
-                job = self._finish(job, outcome)
+                self._run(job)
             except QueueError as exc:  # storage trouble: say so, back off, keep going
                 log.error("%s", exc)
                 self._sleep(1.0)
             except Exception:  # never let one bad job or bug kill the worker
                 log.exception("unexpected error in worker loop")
                 self._sleep(1.0)
-        if job is not None:
-            self._release(job)
+        # Record what ran and hand back what never started, so a graceful stop neither
+        # strands a job in 'processing' nor burns one of its attempts.
+        self._settle(release=True, tries=10)
 
-    def _release(self, job: Dict[str, Any]) -> None:
-        """A job claimed (e.g. by finish's claim-next) but never started goes back unchanged,
-        so a graceful stop neither strands it in 'processing' nor burns one of its attempts."""
-        for attempt in range(10):
+    def _run(self, job: Dict[str, Any]) -> None:
+        try:
+            outcome = self._execute(job)
+        except Exception as exc:  # noqa: BLE001 - e.g. the log cannot be written (disk full)
+            # This attempt is over (run_job never leaves a run behind): record it as
+            # failed so it is retried as a NEW attempt, never re-run as this one.
+            log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
+            outcome = executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")
+        self.done.append((job, outcome))
+        self.batch = PREFETCH if outcome.duration < SHORT_JOB else 1
+
+    def _next_job(self) -> Optional[Dict[str, Any]]:
+        """The next claimed job, claiming (and recording finished runs) when none is held."""
+        if self.held and (self.held[0]["lease_until"] - time.time()
+                          < self.queue.settings()["lease_seconds"] / 2):
+            self._settle(release=True)  # our claim is lapsing (were we frozen?): hand them all back
+        if not self.held and (self.done or self.queue.has_ready()):
+            self._settle(claim=self.batch)
+            while not self.held and self.queue.has_ready():  # another worker was faster
+                self._settle(claim=self.batch)
+        if not self.held:
+            self.batch = 1  # idle: the first claim after a pause is one job, fair to idle peers
+            return None
+        return self.held.popleft()
+
+    def _settle(self, claim: int = 0, release: bool = False, tries: int = 30) -> None:
+        """Record finished runs, hand back held jobs (``release``) and claim up to ``claim``
+        more, all in one transaction. Storage errors are retried: a result is not dropped
+        while this worker lives (if it gives up, recovery reads the result from the log)."""
+        done, back = self.done, list(self.held) if release else []
+        if not (done or back or claim):
+            return
+        for attempt in range(tries):
             try:
-                if self.queue.release(job, self.worker_id):
-                    log.info("job %s: not started; returned to the queue", job["id"])
-                return
+                states, claimed = self.queue.settle(done, self.worker_id, release=back,
+                                                    claim=0 if self.stopping else claim)
+                break
             except QueueError as exc:
-                log.error("job %s: could not return it to the queue (%s); retrying", job["id"], exc)
-                time.sleep(min(0.1 * (attempt + 1), 1.0))
-        log.error("job %s: left claimed; recovery will return it when this worker is gone", job["id"])
+                log.error("could not record the results of %d job(s): %s", len(done) + len(back), exc)
+                if attempt + 1 < tries:
+                    time.sleep(min(0.1 * (attempt + 1), 2.0))
+        else:
+            if tries > 1:  # one try (mid-run) is simply repeated later
+                log.error("giving up on %d job(s); recovery will settle them from their logs",
+                          len(done) + len(back))
+                self.done = []
+                if release:
+                    self.held.clear()
+            return
+        self.done = []
+        if release:
+            self.held.clear()
+        self.held.extend(claimed)
+        for (job, outcome), state in zip(done, states):
+            self._log_outcome(job, outcome, state)
+        for job, state in zip(back, states[len(done):]):
+            if state != "lost":
+                log.info("job %s: not started; %s", job["id"],
+                         "returned to the queue" if state == "released" else state)
 
     def _recover(self) -> None:
-        for job_id in worker_launcher.recover_dead_workers_jobs(self.queue, self.paths, self.worker_id):
-            log.warning("job %s: its worker died; returned to the retry path", job_id)
-
-    def _try_claim(self) -> Optional[Dict[str, Any]]:
-        while self.queue.has_ready():  # False while paused
-            job = self.queue.claim(self.worker_id)
-            if job is not None:
-                return job
-        return None
+        found = worker_launcher.recover_dead_workers_jobs(self.queue, self.paths, self.worker_id)
+        for job_id, state in found.items():
+            log.warning("job %s: its worker died; %s", job_id, RECOVERED.get(state, state))
 
     def _wait_for_work(self, next_recovery: float) -> None:
         settings = self.queue.settings()
@@ -179,6 +231,11 @@ class Worker:
         def on_event(woken: bool) -> executor.Abort:
             if woken:
                 self._drain()
+            if self.held or self.done:
+                # This run is not short after all, or there is news (new work, a cancel, a
+                # pause): the jobs claimed after it go back, where idle workers can take them,
+                # and the results of the runs before it are written down now, not after it.
+                self._settle(release=True, tries=1)
             if self.stopping and not self.force and not started.get("stop_noted"):
                 started["stop_noted"] = True  # logged here, not in the handler: not signal-safe
                 log.info("job %s: stop requested; letting it finish (signal again to kill it)", job["id"])
@@ -215,27 +272,13 @@ class Worker:
                 return ("cancelled by user while running", True)
             return None
 
-        env = {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"]),
-               "QUEUECTL_HOME": str(self.paths.home)}
-        head = joblog.header(job["id"], job["attempts"], self.worker_id, job["command"])
+        env = {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"])}
         return executor.run_job(job["command"], bool(job["argv"]), job["cwd"],
-                                self.paths.job_log(job["id"]), head, queue.job_timeout(job), env,
+                                self.paths.job_log_name(job["id"]), job["id"], job["attempts"],
+                                self.worker_id, queue.job_timeout(job), env,
                                 wake_fds=(self.doorbell.fd, self._sig_r), on_event=on_event,
-                                tick=HEARTBEAT_EVERY, on_start=on_start)
-
-    def _finish(self, job: Dict[str, Any], outcome: executor.Outcome) -> Optional[Dict[str, Any]]:
-        for attempt in range(30):
-            try:
-                state, nxt = self.queue.finish(job, outcome, self.worker_id, claim_next=not self.stopping)
-                break
-            except QueueError as exc:
-                log.error("job %s: could not record the result (%s); retrying", job["id"], exc)
-                time.sleep(min(0.1 * (attempt + 1), 2.0))
-        else:
-            log.error("job %s: giving up recording its result; it will be recovered", job["id"])
-            return None
-        self._log_outcome(job, outcome, state)
-        return nxt
+                                tick=HEARTBEAT_EVERY, on_start=on_start,
+                                first_tick=HOLD_LIMIT if self.held or self.done else None)
 
     def _log_outcome(self, job: Dict[str, Any], outcome: executor.Outcome, state: str) -> None:
         if state == "completed":

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from queuectl import executor
+from queuectl import executor, joblog
 from queuectl.paths import Paths
 
 WORKER_MODULE = "queuectl.worker"
@@ -146,7 +146,9 @@ def worker_rows(paths: Paths, processing: Callable[[], List[Dict[str, Any]]],
     workers = list_workers(paths, clean=clean)
     if not workers:
         return []
-    busy = {row["worker_id"]: row for row in processing()}
+    busy: Dict[str, Dict[str, Any]] = {}
+    for row in processing():  # oldest first: a worker's next jobs may be claimed already
+        busy.setdefault(row["worker_id"], row)
     now = time.time()
     rows = []
     for info in workers:
@@ -170,16 +172,21 @@ def worker_alive(worker_id: str) -> bool:
     return executor.pid_matches(pid, start) and WORKER_MODULE in (executor.process_cmdline(pid) or WORKER_MODULE)
 
 
-def recover_dead_workers_jobs(queue: Any, paths: Paths, own_worker_id: Optional[str] = None) -> List[str]:
-    """Send jobs of dead workers back (models.Queue.recover), killing what is left of their
-    runs: by the pid their heartbeat recorded, else by the job's identity in /proc."""
+def recover_dead_workers_jobs(queue: Any, paths: Paths, own_worker_id: Optional[str] = None) -> Dict[str, str]:
+    """Settle jobs of dead workers (models.Queue.recover), killing what is left of their runs
+    (by the pid their heartbeat recorded, else by the job's identity in /proc) and reading
+    how each run ended from its log."""
     def alive(worker_id: str) -> bool:
         return worker_id == own_worker_id or worker_alive(worker_id)
 
     def kill_run(job_id: str, attempt: int) -> None:
         executor.kill_job_run(str(paths.home), job_id, attempt)
 
-    return queue.recover(alive, executor.kill_orphan_group, kill_run)
+    def run_result(job_id: str, attempt: int, worker_id: str) -> "tuple[bool, bool, Optional[str]]":
+        started, result = joblog.attempt_status(paths.job_log(job_id), attempt, worker_id)
+        return started, result is not None, None if result == joblog.OK_RESULT else result
+
+    return queue.recover(alive, executor.kill_orphan_group, kill_run, run_result)
 
 
 def _worker_argv(paths: Paths, options: Sequence[str]) -> List[str]:

@@ -258,8 +258,8 @@ def test_retry_refuses_other_states(q, state):
 def test_dead_worker_job_goes_to_retry_path(q, clock):
     add(q, id="r")
     q.claim(W)
-    assert q.recover(lambda worker_id: True) == []
-    assert q.recover(lambda worker_id: worker_id != W) == ["r"]
+    assert q.recover(lambda worker_id: True) == {}
+    assert q.recover(lambda worker_id: worker_id != W) == {"r": "failed"}
     job = q.get("r")
     assert job["state"] == "failed" and "worker died" in job["last_error"]
     assert job["run_at"] == pytest.approx(clock.now + 2) and job["worker_id"] == W
@@ -271,7 +271,7 @@ def test_expired_lease_is_recovered_even_if_worker_looks_alive(q, clock, mocker)
     killer = mocker.Mock()
     q.heartbeat(job, W, pid=4242, pid_start=99)
     clock.advance(q.settings()["lease_seconds"] + 1)
-    assert q.recover(lambda worker_id: True, killer) == ["r"]
+    assert q.recover(lambda worker_id: True, killer) == {"r": "dead"}
     killer.assert_called_once_with(4242, 99)
     job_after = q.get("r")
     assert job_after["state"] == "dead" and "lease expired" in job_after["last_error"]
@@ -286,7 +286,7 @@ def test_heartbeat_extends_the_lease(q, clock):
     clock.advance(20)
     assert q.heartbeat(job, W) == (True, False)
     clock.advance(20)  # 40 s after claim, 20 s after the heartbeat
-    assert q.recover(lambda worker_id: True) == []
+    assert q.recover(lambda worker_id: True) == {}
     assert q.heartbeat(job, "host:9:9") == (False, False)
 
 
@@ -437,7 +437,7 @@ def test_failure_to_start_is_an_ordinary_failure(tmp_path, mocker):
 
     mocker.patch("queuectl.executor.subprocess.Popen",
                  side_effect=PermissionError(13, "Permission denied"))
-    outcome = executor.run_job("whatever", False, str(tmp_path), tmp_path / "j.log", b"head\n",
+    outcome = executor.run_job("whatever", False, str(tmp_path), tmp_path / "j.log", "j", 1, W,
                                None, {})
     assert not outcome.ok and outcome.exit_code is None
     assert outcome.error == "failed to start: Permission denied"
