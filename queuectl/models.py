@@ -194,14 +194,10 @@ class Queue:
         now = self.clock()
         return self.store.claim(worker_id, now, now + self.settings()["lease_seconds"], limit)
 
-    def release(self, job: Dict[str, Any], worker_id: str) -> bool:
-        """Undo a claim whose job never started (the worker is stopping): back to the state
-        and attempt count it had, so the claim leaves no trace. False if no longer ours."""
-        return self.settle((), worker_id, release=(job,))[0] == ["released"]
-
     def _release_locked(self, job: Dict[str, Any], worker_id: str, now: float) -> str:
-        """One claimed, never started job back (see release); one cancelled meanwhile is
-        cancelled instead: going back would let it be claimed again."""
+        """Undo the claim of a job that never started: back to the state and attempt count
+        it had, so the claim leaves no trace. One cancelled meanwhile is cancelled instead
+        (going back would let it be claimed again). 'lost' if it is no longer ours."""
         current = self.store.get(job["id"])
         if not current or current["state"] != "processing" or current["worker_id"] != worker_id:
             return "lost"

@@ -235,7 +235,10 @@ class Worker:
                 # This run is not short after all, or there is news (new work, a cancel, a
                 # pause): the jobs claimed after it go back, where idle workers can take them,
                 # and the results of the runs before it are written down now, not after it.
-                self._settle(release=True, tries=1)
+                try:
+                    self._settle(release=True, tries=1)
+                except Exception:  # noqa: BLE001 - a bookkeeping bug must not kill the run
+                    log.exception("job %s: could not hand back the jobs claimed after it", job["id"])
             if self.stopping and not self.force and not started.get("stop_noted"):
                 started["stop_noted"] = True  # logged here, not in the handler: not signal-safe
                 log.info("job %s: stop requested; letting it finish (signal again to kill it)", job["id"])
