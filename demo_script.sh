@@ -50,7 +50,10 @@ run worker start --count 2
 run worker status
 run wait ok1 add1 --timeout 30
 check "ok1 completed" "$(field ok1 state)" "completed"
-check "ok1 output captured" "$("${Q[@]}" logs ok1 | tail -n 1)" "Hello World"
+run logs ok1
+check "ok1 output captured (under the attempt's header and command)" "$("${Q[@]}" logs ok1 | sed -n 3p)" "Hello World"
+check "ok1 log ends with the attempt's result" "$("${Q[@]}" logs ok1 | tail -n 1)" \
+  "--- queuectl job ok1 attempt 1 finished: exit 0 ---"
 
 step "5. Watch the failing job retry with backoff (1s, 1s) and land in the DLQ"
 set +e; "${Q[@]}" wait bad1 --timeout 30; rc=$?; set -e
