@@ -95,13 +95,16 @@ def attempt_status(path: Path, attempt: int, worker_id: str) -> "Tuple[bool, Opt
     return started, result
 
 
+def _marks(data: bytes) -> "List[Tuple[int, int]]":
+    return [(int(m.group(2)), m.start()) for m in _HEADER.finditer(data)]
+
+
 def attempts(path: Path) -> "List[Tuple[int, int]]":
     """(attempt number, byte offset of its header) for each attempt in the file."""
     try:
-        data = path.read_bytes()
+        return _marks(path.read_bytes())
     except OSError:
         return []
-    return [(int(m.group(2)), m.start()) for m in _HEADER.finditer(data)]
 
 
 def read_attempt(path: Path, attempt: Optional[int] = None) -> bytes:
@@ -112,7 +115,7 @@ def read_attempt(path: Path, attempt: Optional[int] = None) -> bytes:
         return b""
     if attempt is None:
         return data
-    marks = [(int(m.group(2)), m.start()) for m in _HEADER.finditer(data)]
+    marks = _marks(data)
     for i in range(len(marks) - 1, -1, -1):
         if marks[i][0] == attempt:
             end = marks[i + 1][1] if i + 1 < len(marks) else len(data)
