@@ -11,7 +11,7 @@ Scenarios (see issue 4):
   L0  ceiling: `sh -c true` spawned by 2 concurrent Python processes with
       queuectl.executor.spawn (exactly what workers call), output to a file, like a worker.
   W1  drain: N `true` jobs bulk-enqueued in one transaction, 2 running idle workers drain them
-      (best of 2 drains in the full run; W4 likewise, W3's bulk enqueue best of 2).
+      (best of 3 drains in the full run; W4 likewise, W3's bulk enqueue best of 3).
       Rate = N / (last finished_at - first started_at) from the jobs' own timestamps
       (worker start-up is excluded; end-to-end from enqueue commit is shown too).
   W2  pickup latency: one `true` job at a time into idle workers; enqueue commit -> finished_at.
@@ -309,7 +309,7 @@ def bench_w3(base: Path, bulk: int, calls: int, repeat: int = 1) -> Dict[str, An
 def run(quick: bool, keep: bool) -> Dict[str, Any]:
     size = dict(spawns=300, drain=1000, warm=2_000, repeat=1, samples=30, pause=0.02, idle=1.5, bulk=20_000, calls=5,
                 scale=(4_000, 20_000)) if quick else \
-        dict(spawns=2_000, drain=5_000, warm=10_000, repeat=2, samples=100, pause=0.05, idle=4.0, bulk=100_000, calls=20,
+        dict(spawns=2_000, drain=5_000, warm=10_000, repeat=3, samples=100, pause=0.05, idle=4.0, bulk=100_000, calls=20,
              scale=(20_000, 100_000))
     base = Path(tempfile.mkdtemp(prefix="queuectl-bench-"))
     res: Dict[str, Any] = {"quick": quick, "sizes": size}
