@@ -75,7 +75,8 @@ class SqliteStore:
         """Pairs of (dep_id, job_id): job_id waits for dep_id."""
         self.conn.executemany("INSERT OR IGNORE INTO job_deps (dep_id, job_id) VALUES (?, ?)", pairs)
 
-    def claim(self, worker_id: str, now: float, lease_until: float, limit: int = 1) -> "list[dict[str, Any]]":
+    def claim(self, worker_id: str, now: float, lease_until: float,
+              limit: int = 1) -> "list[dict[str, Any]]":
         """Up to ``limit`` ready jobs (CLAIM_COLUMNS only), now processing, in claim order;
         none while paused."""
         if _HAS_RETURNING:  # one statement instead of three, on every job's path

@@ -145,7 +145,10 @@ class Worker:
             log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
             outcome = executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")
         self.done.append((job, outcome))
-        self.batch = PREFETCH if outcome.duration < SHORT_JOB else 1
+        # Only a run that happened counts as short: a worker error (say, a full disk) is not
+        # a reason to claim eight jobs at once.
+        ran = outcome.finished_at is not None
+        self.batch = PREFETCH if ran and outcome.duration < SHORT_JOB else 1
 
     def _next_job(self) -> Optional[Dict[str, Any]]:
         """The next claimed job, claiming (and recording finished runs) when none is held."""

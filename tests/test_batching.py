@@ -196,7 +196,8 @@ def bare_worker(paths, mocker):
     w.queue = Queue(store)
     run = mocker.patch.object(Worker, "_execute")
     run.seconds = 0.001
-    run.side_effect = lambda job: Outcome(0, None, duration=run.seconds)
+    run.side_effect = lambda job: Outcome(0, None, duration=run.seconds, started_at=1.0,
+                                          finished_at=1.0 + run.seconds)
     w.run_mock = run
     yield w
     store.close()
@@ -231,6 +232,16 @@ def test_long_jobs_are_claimed_one_at_a_time(bare_worker, queue):
     add(queue, 5)
     bare_worker.run_mock.seconds = worker_mod.SHORT_JOB * 2
     assert drive(bare_worker, 5) == [0, 0, 0, 0, 0]
+
+
+def test_a_worker_error_is_not_a_short_run(bare_worker, queue):
+    """A job that could not even be started (say, its log cannot be written) fails fast;
+    that must not make the worker claim eight jobs to fail the same way."""
+    add(queue, 5)
+    bare_worker.run_mock.side_effect = OSError(28, "No space left on device")
+    assert drive(bare_worker, 3) == [0, 0, 0]
+    assert [row(queue, str(n))["last_error"] for n in (1, 2)] == [
+        "worker error: OSError: [Errno 28] No space left on device"] * 2
 
 
 def test_a_graceful_stop_hands_back_held_jobs_and_records_finished_ones(bare_worker, queue):
