@@ -332,19 +332,20 @@ class Queue:
         ``kill_run(job_id, attempt)`` by identity, for runs whose pid was never recorded
         (the worker died within the job's first second) or whose leader already exited.
         ``run_result(job_id, attempt, worker_id)`` -> (started, finished, error) is what the
-        run left in its log: a claim that never started goes back as if never made, and a
-        run that finished before its worker could record it (a worker records short jobs a
-        few at a time) gets its real result instead of running again. Without it, or when
-        the run did not finish, the job returns to the retry path as "worker died".
+        run left in its log: a claim that never started goes back as if never made (when its
+        worker is gone), and a run that finished before its worker could record it (a worker
+        records short jobs a few at a time) gets its real result instead of running again.
+        Otherwise the job returns to the retry path as "worker died".
         Returns {job id: what became of it}: its new state, or "released" (never started).
         """
         now = self.clock()
         recovered: Dict[str, str] = {}
         for row in self.store.processing():
-            if row["lease_until"] is not None and row["lease_until"] < now:
-                reason = "worker died (lease expired)"
-            elif not worker_alive(row["worker_id"] or ""):
+            gone = not worker_alive(row["worker_id"] or "")
+            if gone:
                 reason = "worker died (process gone)"
+            elif row["lease_until"] is not None and row["lease_until"] < now:
+                reason = "worker died (lease expired)"
             else:
                 continue
             if kill_orphan and row["job_pid"]:
@@ -357,7 +358,10 @@ class Queue:
                 job = self.store.get(row["id"])
                 if not job or job["state"] != "processing" or job["worker_id"] != row["worker_id"]:
                     continue
-                if not started:
+                if not started and gone:
+                    # Only a worker that is gone can be trusted never to start it: a frozen
+                    # one past its lease may still wake up and do so, which must then count
+                    # as an attempt of its own (below), never as a second run of this one.
                     recovered[job["id"]] = self._release_locked(job, row["worker_id"], now)
                     continue
                 exit_code = None

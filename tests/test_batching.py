@@ -186,6 +186,18 @@ def test_recovery_settles_a_dead_workers_jobs_from_their_logs(paths, queue, dead
     assert [r["error"] for r in runs] == ([] if state == "pending" else [error])
 
 
+def test_an_unstarted_claim_of_a_frozen_worker_counts_as_an_interrupted_attempt(queue):
+    """Past its lease a worker may still be alive (frozen, say) and start the job when it
+    wakes: the claim cannot go back as if never made, or that run would repeat the attempt."""
+    job_id = add(queue)[0]
+    queue.claim(W)
+    queue.store.conn.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (job_id,))
+    never_started = lambda job_id, attempt, worker_id: (False, False, None)  # noqa: E731
+    assert queue.recover(lambda worker_id: True, run_result=never_started) == {job_id: "failed"}
+    job = row(queue, job_id)
+    assert (job["attempts"], job["last_error"]) == (1, "worker died (lease expired)")
+
+
 # -- the worker's batching decisions (run_job faked: no processes) ------------------------------
 @pytest.fixture
 def bare_worker(paths, mocker):

@@ -165,6 +165,18 @@ def signal_pending(pid: int, signum: int) -> bool:
     return False
 
 
+def holds_write_lock(pid: int) -> bool:
+    """True while ``pid`` holds a POSIX write lock (/proc/locks): an SQLite process that has
+    one is inside a write transaction, and freezing it there stops every writer."""
+    try:
+        with open("/proc/locks") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return False
+    return any(f[1:4] == ["POSIX", "ADVISORY", "WRITE"] and f[4] == str(pid)
+               for f in (line.split() for line in lines) if len(f) > 4)
+
+
 def wchan(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/wchan") as handle:
