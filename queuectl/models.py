@@ -340,8 +340,12 @@ class Queue:
         """
         now = self.clock()
         recovered: Dict[str, str] = {}
+        alive: Dict[str, bool] = {}  # a worker holds up to 8 claims: ask /proc once per worker
         for row in self.store.processing():
-            gone = not worker_alive(row["worker_id"] or "")
+            worker_id = row["worker_id"] or ""
+            if worker_id not in alive:
+                alive[worker_id] = worker_alive(worker_id)
+            gone = not alive[worker_id]
             if gone:
                 reason = "worker died (process gone)"
             elif row["lease_until"] is not None and row["lease_until"] < now:
