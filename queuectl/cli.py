@@ -81,13 +81,10 @@ def _paths() -> Paths:
 
 def _queue(durable: bool = True):
     """Open the store and the models layer on top (lazily: keeps start-up fast)."""
-    from queuectl import wakeup
     from queuectl.models import Queue
-    from queuectl.sqlite_store import SqliteStore
+    from queuectl.store import open_store
 
-    paths = _paths()
-    store = SqliteStore(paths.db, durable=durable)
-    return Queue(store, notify=lambda: wakeup.ring(paths.workers_dir))
+    return Queue(open_store(_paths(), "cli" if durable else "reader"))
 
 
 def _emit_json(data: Any) -> None:
@@ -168,7 +165,7 @@ def init_db() -> None:
     Every command creates it on first use; this just makes it explicit. Alias: initdb.
     """
     queue = _queue()
-    click.echo(f"database ready: {queue.store.db.path}")
+    click.echo(f"database ready: {queue.store.location}")
 
 
 # -- enqueue / add -----------------------------------------------------------------------------

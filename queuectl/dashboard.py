@@ -2,7 +2,7 @@
 
 Why http.server: the page polls a handful of cheap queries every couple of seconds for one
 or a few operators; a thread per request over SQLite in WAL mode is plenty, and it keeps
-queuectl free of run-time dependencies. Each request opens its own SqliteStore (sqlite3
+queuectl free of run-time dependencies. Each request opens its own store (sqlite3
 connections are never shared between threads) and closes it before the thread ends.
 
 Security model (see ``Handler._refuse``):
@@ -31,11 +31,11 @@ from importlib import resources
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from queuectl import __version__, joblog, wakeup, worker_launcher
+from queuectl import __version__, joblog, worker_launcher
 from queuectl.errors import Conflict, InvalidInput, NotFound, QueueError, StorageError
 from queuectl.models import Queue
 from queuectl.paths import Paths
-from queuectl.sqlite_store import SqliteStore
+from queuectl.store import open_store
 
 TOKEN_HEADER = "X-Queuectl-Token"
 MIN_TOKEN_LENGTH = 8
@@ -215,9 +215,9 @@ class Handler(BaseHTTPRequestHandler):
     @contextmanager
     def _queue(self) -> Iterator[Queue]:
         paths = self.server.paths
-        store = SqliteStore(paths.db)
+        store = open_store(paths, "cli")
         try:
-            yield Queue(store, notify=lambda: wakeup.ring(paths.workers_dir))
+            yield Queue(store)
         finally:
             store.close()
 

@@ -6,7 +6,7 @@ import random
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from queuectl.errors import StorageError
 
@@ -130,6 +130,8 @@ class Database:
         except sqlite3.DatabaseError as exc:
             raise StorageError(_describe(self.path, exc)) from None
         self._in_txn = False
+        self.wake_pending = False  # a wake() inside the open transaction, rung after COMMIT
+        self.on_commit_wake: "Optional[Callable[[], None]]" = None
 
     def _migrate(self) -> None:
         version = self._retry_read(lambda: self.conn.execute("PRAGMA user_version").fetchone()[0])
@@ -203,10 +205,6 @@ class Database:
         except sqlite3.DatabaseError as exc:
             raise StorageError(_describe(self.path, exc)) from None
 
-    def data_version(self) -> int:
-        """Changes whenever another connection commits: a cheap 'anything new?' probe."""
-        return self._retry_read(lambda: self.conn.execute("PRAGMA data_version").fetchone()[0])
-
     def close(self) -> None:
         self.conn.close()
 
@@ -251,6 +249,7 @@ class Transaction:
             return False
         db = self.db
         db._in_txn = False
+        wake, db.wake_pending = db.wake_pending, False
         if exc is not None:
             try:
                 db.conn.execute("ROLLBACK")
@@ -265,4 +264,6 @@ class Transaction:
             if db.conn.in_transaction:
                 db.conn.execute("ROLLBACK")
             raise StorageError(_describe(db.path, exc)) from None
+        if wake and db.on_commit_wake is not None:
+            db.on_commit_wake()
         return False

@@ -21,3 +21,13 @@ class Conflict(QueueError):
 
 class StorageError(QueueError):
     """The database cannot be opened or used (read-only, corrupt, newer schema)."""
+
+
+class DuplicateKey(Exception):
+    """A backend refused an insert: the id or active unique key is taken. Not user-facing:
+    models retry the enqueue (their checks then see the winner) or turn it into a Conflict."""
+
+    def __init__(self, what: str, value: "str | None" = None) -> None:
+        super().__init__(f"duplicate {what}" + (f" {value!r}" if value is not None else ""))
+        self.what = what  # "id" or "unique_key"
+        self.value = value

@@ -9,11 +9,11 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from queuectl import config as cfg
-from queuectl.errors import Conflict, InvalidInput, NotFound
+from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound
 from queuectl.jobspec import validate_id
 
 if TYPE_CHECKING:  # pragma: no cover
-    from queuectl.sqlite_store import SqliteStore
+    from queuectl.store import Store
 
 STATES = ("pending", "processing", "completed", "failed", "dead", "cancelled")
 WAITING = ("pending", "failed")             # may still be claimed
@@ -39,14 +39,12 @@ class Enqueued(NamedTuple):
 
 
 class Queue:
-    """The queue's rules over one store. ``notify`` wakes idle workers after a commit."""
+    """The queue's rules over one store (any backend behind queuectl/store.py)."""
 
-    def __init__(self, store: "SqliteStore", *, clock: Callable[[], float] = time.time,
-                 notify: Optional[Callable[[], None]] = None,
+    def __init__(self, store: "Store", *, clock: Callable[[], float] = time.time,
                  overrides: Optional[Dict[str, Any]] = None) -> None:
         self.store = store
         self.clock = clock
-        self.notify = notify or (lambda: None)
         self.overrides = overrides or {}
         self._settings: Optional[Dict[str, Any]] = None
         self._settings_at = 0.0
@@ -65,6 +63,7 @@ class Queue:
         value = cfg.parse_value(name, raw)
         with self.store.transaction():
             self.store.config_set(name, cfg.encode(value))
+            self.store.wake()  # running workers re-read settings when woken
         self._settings = None
         return name, value
 
@@ -76,6 +75,7 @@ class Queue:
         name = cfg.canonical_key(key)
         with self.store.transaction():
             self.store.config_unset(name)
+            self.store.wake()
         self._settings = None
         return name
 
@@ -84,13 +84,22 @@ class Queue:
         """Insert validated specs (see jobspec.parse_job) in ONE transaction: all or nothing.
 
         An error about spec i carries ``index = i`` so a caller can name the input line.
+        The checks below give the friendly messages; the store's insert is the arbiter. When
+        a concurrent enqueue wins a race for an id or unique key (a multi-writer backend),
+        the transaction is run again and the checks then see the winner.
         """
         now = self.clock()
-        with self.store.transaction():
-            results = self._enqueue_locked(specs, now, if_exists)
-        if any(r.created for r in results):
-            self.notify()
-        return results
+        for attempt in range(3):
+            try:
+                with self.store.transaction():
+                    results = self._enqueue_locked(specs, now, if_exists)
+                    if any(r.created for r in results):
+                        self.store.wake()
+                return results
+            except DuplicateKey as exc:
+                if attempt == 2:  # checks and store still disagree: say what the store said
+                    raise Conflict(f"cannot enqueue: {exc} (taken by a concurrent enqueue)") from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _enqueue_locked(self, specs: Sequence[Dict[str, Any]], now: float,
                         if_exists: str) -> List[Enqueued]:
@@ -101,12 +110,13 @@ class Queue:
         keys_in_batch: Dict[str, str] = {}
         dep_ids = {d for s in specs for d in s["after"]}
         dep_states = store.states_of(sorted(dep_ids)) if dep_ids else {}
-        seq = store.last_seq()
         if not user_ids and not dep_ids and all(s["unique_key"] is None for s in specs):
-            return self._enqueue_plain(specs, seq, now)
+            return self._enqueue_plain(specs, now)
         rows: List[tuple] = []
-        deps: List[tuple] = []
-        results: List[Enqueued] = []
+        waits: List["tuple[int, List[str]]"] = []  # (row index, ids it waits for)
+        # Per spec: (created, row index) or (False, id of the active job holding its key);
+        # a key held earlier in this batch is a row index too: ids are known after the insert.
+        slots: List["tuple[bool, Any]"] = []
         for index, spec in enumerate(specs):
             deps_left = 0
             if spec["id"] is not None or spec["unique_key"] is not None or spec["after"]:
@@ -118,32 +128,31 @@ class Queue:
                     exc.index = index  # type: ignore[attr-defined]
                     raise
                 if holder is not None:  # --if-exists skip: report the active job instead
-                    results.append(Enqueued(holder, False))
+                    slots.append((False, holder))
                     continue
-            seq += 1
-            job_id = spec["id"] or str(seq)
-            seen[job_id] = index
+            row = len(rows)
+            if spec["id"] is not None:
+                seen[spec["id"]] = index
             key = spec["unique_key"]
             if key is not None:
-                keys_in_batch[key] = job_id
+                keys_in_batch[key] = spec["id"] if spec["id"] is not None else row
             if spec["after"]:
-                deps.extend((dep, job_id) for dep in spec["after"])
-            rows.append((seq, job_id, spec["command"], spec["argv"], "pending", spec["priority"],
-                         spec["max_retries"], spec["timeout"], spec["cwd"], spec["run_at"], now, now,
+                waits.append((row, spec["after"]))
+            rows.append((spec["id"], spec["command"], spec["argv"], spec["priority"],
+                         spec["max_retries"], spec["timeout"], spec["cwd"], spec["run_at"], now,
                          key, deps_left))
-            results.append(Enqueued(job_id, True))
-        store.insert_jobs(rows)
-        if deps:
-            store.insert_deps(deps)
-        return results
+            slots.append((True, row))
+        ids = store.insert_jobs(rows) if rows else []
+        if waits:
+            store.insert_deps([(dep, ids[row]) for row, after in waits for dep in after])
+        return [Enqueued(ids[ref] if isinstance(ref, int) else ref, created) for created, ref in slots]
 
-    def _enqueue_plain(self, specs: Sequence[Dict[str, Any]], seq: int, now: float) -> List[Enqueued]:
+    def _enqueue_plain(self, specs: Sequence[Dict[str, Any]], now: float) -> List[Enqueued]:
         """The bulk case (no ids, unique keys or dependencies: nothing to check) without the
         general loop's bookkeeping: it halves the Python time of a 100k-job enqueue."""
-        ids = [str(n) for n in range(seq + 1, seq + 1 + len(specs))]
-        self.store.insert_jobs([
-            (seq + 1 + i, ids[i], s["command"], s["argv"], "pending", s["priority"], s["max_retries"],
-             s["timeout"], s["cwd"], s["run_at"], now, now, None, 0) for i, s in enumerate(specs)])
+        ids = self.store.insert_jobs([
+            (None, s["command"], s["argv"], s["priority"], s["max_retries"], s["timeout"], s["cwd"],
+             s["run_at"], now, None, 0) for s in specs])
         return [Enqueued(job_id, True) for job_id in ids]
 
     def _check_new(self, spec: Dict[str, Any], existing: Dict[str, str], seen: Dict[str, int],
@@ -158,11 +167,14 @@ class Queue:
             raise Conflict(f"job {job_id!r} already exists")
         key = spec["unique_key"]
         if key is not None:
-            holder = keys_in_batch.get(key) or self.store.active_with_key(key)
+            holder: Any = keys_in_batch.get(key)  # an id, or the row index of a generated one
+            if holder is None:
+                holder = self.store.active_with_key(key)
             if holder is not None:
                 if if_exists == "skip":
                     return holder, 0
-                raise Conflict(f"unique key {key!r} is held by active job {holder!r}")
+                shown = "an earlier job of this batch" if isinstance(holder, int) else f"active job {holder!r}"
+                raise Conflict(f"unique key {key!r} is held by {shown}")
         deps_left = 0
         for dep in spec["after"]:
             state = "pending" if dep in seen else dep_states.get(dep)
@@ -208,7 +220,7 @@ class Queue:
             fields.update(last_error="cancelled by user before it started", finished_at=now)
         else:
             state = "failed" if current["attempts"] > 1 else "pending"
-            self._wake_after_commit = True
+            self.store.wake()
         fields["state"] = state
         self.store.update_job(job["id"], fields, states=("processing",), worker_id=worker_id)
         if state == "cancelled":
@@ -248,12 +260,7 @@ class Queue:
                 self._release_dependents(completed, now)
             states += [self._release_locked(job, worker_id, now) for job in release]
             claimed = self._claim_locked(worker_id, claim) if claim else []
-        if self._wake_after_commit:
-            self._wake_after_commit = False
-            self.notify()
         return states, claimed
-
-    _wake_after_commit = False
 
     def _finish_locked(self, job: Dict[str, Any], outcome: Any, worker_id: str, now: float) -> str:
         run_at = None
@@ -291,7 +298,7 @@ class Queue:
 
     def _release_dependents(self, job_ids: Sequence[str], now: float) -> None:
         if self.store.release_dependents(job_ids, now):
-            self._wake_after_commit = True
+            self.store.wake()
 
     def _cascade_cancel(self, job_id: str, state: str, now: float) -> None:
         todo = [(job_id, state)]
@@ -384,9 +391,7 @@ class Queue:
                                            job["started_at"], now, None, fields["last_error"])
                     self._after_state_change(job["id"], fields["state"], now)
                     recovered[job["id"]] = fields["state"]
-        if recovered or self._wake_after_commit:
-            self._wake_after_commit = False
-            self.notify()
+                    self.store.wake()
         return recovered
 
     # -- operator side --------------------------------------------------------------------
@@ -439,8 +444,8 @@ class Queue:
                     raise Conflict(f"job {job['id']!r} is {job['state']}, not dead; "
                                    "only jobs in the DLQ can be retried with dlq retry")
                 self._requeue(job, now, reset_attempts=True)
-        if jobs:
-            self.notify()
+            if jobs:
+                self.store.wake()
         return [job["id"] for job in jobs]
 
     def retry(self, ids: Sequence[str]) -> List[str]:
@@ -453,7 +458,7 @@ class Queue:
                     raise Conflict(f"job {job['id']!r} is {job['state']}; only failed or dead jobs "
                                    "can be retried")
                 self._requeue(job, now, reset_attempts=job["state"] == "dead")
-        self.notify()
+            self.store.wake()
         return [job["id"] for job in jobs]
 
     def _requeue(self, job: Dict[str, Any], now: float, reset_attempts: bool) -> None:
@@ -489,20 +494,20 @@ class Queue:
                                           states=WAITING)
                     self._cascade_cancel(job["id"], "cancelled", now)
                     result[job["id"]] = "cancelled"
-        if "cancelling" in result.values():
-            self.notify()
+            if "cancelling" in result.values():
+                self.store.wake()  # the running job's worker kills it now, not at its next beat
         return result
 
     def pause(self) -> None:
         with self.store.transaction():
             if self.store.flag("paused") is None:
                 self.store.set_flag("paused", str(self.clock()))
-        self.notify()  # workers hand back jobs they claimed but have not started
+            self.store.wake()  # workers hand back jobs they claimed but have not started
 
     def resume(self) -> None:
         with self.store.transaction():
             self.store.set_flag("paused", None)
-        self.notify()
+            self.store.wake()
 
     def paused_since(self) -> Optional[float]:
         value = self.store.flag("paused")

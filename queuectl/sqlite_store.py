@@ -1,20 +1,26 @@
-"""SQLite implementation of the storage interface: it only moves rows, models hold the rules.
+"""SQLite backend of the storage seam (queuectl/store.py documents every method).
 
-A second backend (e.g. PostgreSQL) implements the same public methods in a module of its own.
-Methods that change rows must run inside ``transaction()``; reads may run anywhere.
+One writer at a time (BEGIN IMMEDIATE) is what lets ids come from ``max(seq) + 1`` and
+uniqueness from a plain index; wake-ups are FIFO doorbells rung after COMMIT.
 """
 from __future__ import annotations
 
 import os
 import sqlite3
+from pathlib import Path
 from typing import Any, ContextManager, Iterable, Sequence
 
+from queuectl import wakeup
 from queuectl.database import Database
+from queuectl.errors import DuplicateKey
+from queuectl.store import CLAIM_COLUMNS, NEW_JOB_COLUMNS
 
-INSERT_COLUMNS = ("seq", "id", "command", "argv", "state", "priority", "max_retries", "timeout", "cwd",
-                  "run_at", "created_at", "updated_at", "unique_key", "deps_left")
-_INSERT_SQL = (f"INSERT INTO jobs ({', '.join(INSERT_COLUMNS)}) "
-               f"VALUES ({', '.join('?' * len(INSERT_COLUMNS))})")
+# Parameters: the sequence number, then a NEW_JOB_COLUMNS tuple. A missing id is the sequence
+# number itself (TEXT affinity stores it as text), so no str() per generated id in Python.
+_INSERT_SQL = ("INSERT INTO jobs (seq, id, command, argv, state, priority, max_retries, timeout, cwd, "
+               "run_at, created_at, updated_at, unique_key, deps_left) VALUES "
+               "(?1, coalesce(?2, ?1), ?3, ?4, 'pending', ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12)")
+assert len(NEW_JOB_COLUMNS) == 11, "keep _INSERT_SQL in step with NEW_JOB_COLUMNS"
 # Queries must repeat the WHERE of a partial index term for term so SQLite may use it.
 _READY = "state IN ('pending', 'failed') AND deps_left = 0"
 # jobs_state leaves out completed jobs (the bulk of the table): one index write less per job.
@@ -28,9 +34,7 @@ _CLAIM_SQL = (f"SELECT seq FROM jobs INDEXED BY jobs_ready WHERE {_READY} AND ru
 _CLAIM_UPDATE = ("UPDATE jobs SET state = 'processing', attempts = attempts + 1, worker_id = ?, "
                  "started_at = ?, finished_at = NULL, lease_until = ?, updated_at = ?, "
                  "job_pid = NULL, job_pid_start = NULL, exit_code = NULL WHERE seq IN ")
-# What a worker needs to run and finish a job; building the full 25-column row cost 5 %.
-CLAIM_COLUMNS = ("seq", "id", "command", "argv", "cwd", "state", "priority", "run_at", "attempts",
-                 "max_retries", "timeout", "worker_id", "started_at", "lease_until")
+# CLAIM_COLUMNS: what a worker needs to run and finish a job; the full row cost 5 %.
 _CLAIM_RETURNING_SQL = f"{_CLAIM_UPDATE}({_CLAIM_SQL}) RETURNING {', '.join(CLAIM_COLUMNS)}"
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 _CHUNK = 500
@@ -44,32 +48,49 @@ def _dicts(cursor: sqlite3.Cursor) -> "list[dict[str, Any]]":
 class SqliteStore:
     """Every SQL statement about jobs, config and flags lives here."""
 
-    def __init__(self, path: "str | os.PathLike[str]", durable: bool = True) -> None:
+    def __init__(self, path: "str | os.PathLike[str]", durable: bool = True,
+                 workers_dir: "Path | None" = None) -> None:
         self.db = Database(path, durable=durable)
         self.conn = self.db.conn
+        self.location = str(self.db.path)
+        # Doorbells live beside the PID files; without a workers_dir nobody is woken.
+        self.workers_dir = workers_dir if workers_dir is not None else self.db.path.parent / "workers"
+        self.db.on_commit_wake = self._ring
 
     # -- plumbing -------------------------------------------------------------------------
     def transaction(self) -> ContextManager[sqlite3.Connection]:
         return self.db.transaction()
 
+    def wake(self) -> None:
+        if self.db._in_txn:
+            self.db.wake_pending = True  # rung by the transaction after COMMIT
+        else:
+            self._ring()
+
+    def _ring(self) -> None:
+        wakeup.ring(self.workers_dir)
+
+    def listen(self) -> wakeup.Doorbell:
+        self.workers_dir.mkdir(parents=True, exist_ok=True)
+        return wakeup.Doorbell(self.workers_dir)
+
     def close(self) -> None:
         self.db.close()
-
-    def data_version(self) -> int:
-        return self.db.data_version()
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> "list[dict[str, Any]]":
         return self.db._retry_read(lambda: _dicts(self.conn.execute(sql, params)))
 
     # -- jobs: writes ---------------------------------------------------------------------
-    def insert_jobs(self, rows: Iterable[Sequence[Any]]) -> None:
-        """Rows are tuples in INSERT_COLUMNS order. Raises sqlite3.IntegrityError on duplicates."""
-        self.conn.executemany(_INSERT_SQL, rows)
-
-    def last_seq(self) -> int:
-        """Highest sequence number ever used (never reused, even after purge)."""
+    def insert_jobs(self, jobs: Sequence[Sequence[Any]]) -> "list[str]":
+        # Inside BEGIN IMMEDIATE nobody else can take these numbers; sqlite_sequence holds the
+        # highest ever used, so purged numbers are never handed out again.
         row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
-        return row[0] if row else 0
+        first = (row[0] if row else 0) + 1
+        try:
+            self.conn.executemany(_INSERT_SQL, [(first + i, *job) for i, job in enumerate(jobs)])
+        except sqlite3.IntegrityError as exc:
+            raise DuplicateKey("unique_key" if "unique_key" in str(exc) else "id") from None
+        return [job[0] if job[0] is not None else str(first + i) for i, job in enumerate(jobs)]
 
     def insert_deps(self, pairs: Iterable[Sequence[str]]) -> None:
         """Pairs of (dep_id, job_id): job_id waits for dep_id."""

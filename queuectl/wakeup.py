@@ -54,6 +54,9 @@ class Doorbell:
         # Holding a writer ourselves keeps the FIFO from reporting EOF (always readable).
         self._keepalive = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
 
+    def fileno(self) -> int:
+        return self.fd
+
     def drain(self) -> None:
         try:
             while os.read(self.fd, 4096):

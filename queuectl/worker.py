@@ -16,11 +16,11 @@ import time
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from queuectl import executor, wakeup, worker_launcher
+from queuectl import executor, worker_launcher
 from queuectl.errors import QueueError
 from queuectl.models import Queue
 from queuectl.paths import Paths
-from queuectl.sqlite_store import SqliteStore
+from queuectl.store import open_store
 
 RECOVER_EVERY = 2.0  # seconds between checks for jobs whose worker died
 HEARTBEAT_EVERY = 1.0
@@ -87,7 +87,8 @@ class Worker:
                 pass
         except BlockingIOError:
             pass
-        self.doorbell.drain()
+        self.listener.drain()
+        self.queue.settings(fresh=True)  # a wake-up may be a config change: it applies now
 
     # -- main loop ------------------------------------------------------------------------
     def run(self) -> int:
@@ -97,15 +98,15 @@ class Worker:
             directory.mkdir(parents=True, exist_ok=True)
         record = worker_launcher.write_pid_file(paths, self.pid, "foreground" if self.foreground else "detached")
         self.worker_id = record["worker_id"]
-        self.doorbell = wakeup.Doorbell(paths.workers_dir, self.pid)
         os.environ["QUEUECTL_HOME"] = str(paths.home)  # every job sees it (set once, not per job)
-        store = SqliteStore(paths.db, durable=False)
-        self.queue = Queue(store, notify=lambda: wakeup.ring(paths.workers_dir), overrides=self.overrides)
-        log.info("worker %s started (pid %d, db %s)", self.worker_id, self.pid, paths.db)
+        store = open_store(paths, "worker")
+        self.listener = store.listen()
+        self.queue = Queue(store, overrides=self.overrides)
+        log.info("worker %s started (pid %d, db %s)", self.worker_id, self.pid, store.location)
         try:
             self._loop()
         finally:
-            self.doorbell.close()
+            self.listener.close()
             worker_launcher.remove_pid_file(paths, self.pid)
             store.close()
             log.info("worker %d stopped", self.pid)
@@ -217,7 +218,7 @@ class Worker:
         """Wait for a doorbell, a signal or the timeout, whichever comes first."""
         if self.stopping:
             return
-        ready, _, _ = select.select([self.doorbell.fd, self._sig_r], [], [], timeout)
+        ready, _, _ = select.select([self.listener.fileno(), self._sig_r], [], [], timeout)
         if ready:
             self._drain()
 
@@ -282,7 +283,7 @@ class Worker:
         return executor.run_job(job["command"], bool(job["argv"]), job["cwd"],
                                 self.paths.job_log_name(job["id"]), job["id"], job["attempts"],
                                 self.worker_id, queue.job_timeout(job), env,
-                                wake_fds=(self.doorbell.fd, self._sig_r), on_event=on_event,
+                                wake_fds=(self.listener.fileno(), self._sig_r), on_event=on_event,
                                 tick=HEARTBEAT_EVERY, on_start=on_start,
                                 first_tick=HOLD_LIMIT if self.held or self.done else None)
 

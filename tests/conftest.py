@@ -15,7 +15,7 @@ from helpers import Workers, kill_everything_of
 from queuectl.cli import cli as cli_group
 from queuectl.models import Queue
 from queuectl.paths import Paths
-from queuectl.sqlite_store import SqliteStore
+from queuectl.store import open_store
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def paths(home: Path) -> Paths:
 
 @pytest.fixture
 def store(paths: Paths):
-    s = SqliteStore(paths.db)
+    s = open_store(paths)
     yield s
     s.close()
 

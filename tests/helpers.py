@@ -12,7 +12,7 @@ from typing import Callable, Iterator, List, Optional
 
 from queuectl.models import Queue
 from queuectl.paths import Paths
-from queuectl.sqlite_store import SqliteStore
+from queuectl.store import open_store
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
@@ -112,7 +112,7 @@ def kill_everything_of(home: Path) -> None:
 
 
 def job_state(home: Path, job_id: str) -> Optional[str]:
-    s = SqliteStore(Paths(home).db)
+    s = open_store(Paths(home))
     try:
         row = s.get(job_id)
         return row["state"] if row else None
@@ -121,7 +121,7 @@ def job_state(home: Path, job_id: str) -> Optional[str]:
 
 
 def counts(home: Path) -> dict:
-    s = SqliteStore(Paths(home).db)
+    s = open_store(Paths(home))
     try:
         return Queue(s).counts()
     finally:

@@ -15,11 +15,11 @@ import pytest
 
 from helpers import wait_until
 
-from queuectl import executor, joblog, wakeup, worker as worker_mod, worker_launcher
+from queuectl import executor, joblog, worker as worker_mod, worker_launcher
 from queuectl.executor import Outcome
 from queuectl.jobspec import parse_job
 from queuectl.models import Queue
-from queuectl.sqlite_store import SqliteStore
+from queuectl.store import open_store
 from queuectl.worker import PREFETCH, Worker
 
 W = "host:1:1"
@@ -204,7 +204,7 @@ def bare_worker(paths, mocker):
     """A Worker wired to a real store, driven step by step; its runs take ``run.seconds``."""
     w = Worker(paths)
     w.worker_id = W
-    store = SqliteStore(paths.db, durable=False)
+    store = open_store(paths, "worker")
     w.queue = Queue(store)
     run = mocker.patch.object(Worker, "_execute")
     run.seconds = 0.001
@@ -288,9 +288,10 @@ def test_a_run_that_turns_out_long_hands_back_the_jobs_held_behind_it(paths, que
     w.worker_id = W
     for directory in (paths.job_logs_dir, paths.workers_dir):
         directory.mkdir(parents=True)
-    w.doorbell = wakeup.Doorbell(paths.workers_dir)
     w._sig_r, sig_w = os.pipe()
-    store = SqliteStore(paths.db, durable=False)
+    os.set_blocking(w._sig_r, False)  # as the worker's own: a wake-up drains it
+    store = open_store(paths, "worker")
+    w.listener = store.listen()
     w.queue = Queue(store)
     try:
         _, claimed = w.queue.settle([], W, claim=len(ids))
@@ -304,7 +305,7 @@ def test_a_run_that_turns_out_long_hands_back_the_jobs_held_behind_it(paths, que
         assert [(row(queue, i)["state"], row(queue, i)["attempts"]) for i in ids] == [
             ("completed", 1), ("processing", 1)] + [("pending", 0)] * held
     finally:
-        w.doorbell.close()
+        w.listener.close()
         os.close(w._sig_r)
         os.close(sig_w)
         store.close()

@@ -1,0 +1,177 @@
+"""The storage seam: what the models layer needs from a database, and the factory that picks
+a backend from ``QUEUECTL_DB``.
+
+No driver is imported here. A backend moves rows; every rule (lifecycle, retries, leases,
+dependencies) stays in models. What a backend owns because it cannot be done safely above it:
+- id and sequence allocation (``insert_jobs`` returns the ids),
+- uniqueness (a duplicate id or active unique key raises ``DuplicateKey`` at insert time),
+- wake-ups (``wake`` inside a transaction is delivered at COMMIT; ``listen`` gives a worker
+  a file descriptor to select on),
+- busy/serialization retries and mapping driver errors to ``StorageError``.
+
+Updates that take ``states``/``worker_id`` guards are what make concurrent recoverers and
+late results safe on any backend: they change a row only if it is still what the caller saw.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Protocol, Sequence, Tuple
+
+from queuectl.errors import StorageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from queuectl.paths import Paths
+
+DB_ENV = "QUEUECTL_DB"
+ROLES = ("cli", "worker", "reader")
+
+# A new job as models hand it to insert_jobs: a tuple in this order (tuples, not dicts: a
+# bulk enqueue builds 100k of them). ``id`` None means "allocate one" (str of its sequence).
+NEW_JOB_COLUMNS = ("id", "command", "argv", "priority", "max_retries", "timeout", "cwd", "run_at",
+                   "created_at", "unique_key", "deps_left")
+# The columns of a claimed job (what a worker needs to run and finish it).
+CLAIM_COLUMNS = ("seq", "id", "command", "argv", "cwd", "state", "priority", "run_at", "attempts",
+                 "max_retries", "timeout", "worker_id", "started_at", "lease_until")
+
+
+class Listener(Protocol):
+    """The worker's end of wake-ups."""
+
+    def fileno(self) -> int:
+        """Readable when someone called ``wake()`` (and committed) since the last drain."""
+
+    def drain(self) -> None:
+        """Consume pending wake-ups so the descriptor stops being readable."""
+
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    """Every method a backend implements. Writes run inside ``transaction()``; reads anywhere."""
+
+    location: str  # what to show a user: a file path, or a DSN without its password
+
+    # -- plumbing --------------------------------------------------------------------------
+    def transaction(self) -> ContextManager[Any]:
+        """The only write path: one short transaction, nested calls join the outer one.
+        Retries busy/serialization failures; raises StorageError for anything else."""
+
+    def wake(self) -> None:
+        """Wake idle workers once the current transaction commits (at once outside one)."""
+
+    def listen(self) -> Listener:
+        """Subscribe this process to wake-ups (workers)."""
+
+    def close(self) -> None: ...
+
+    # -- jobs: writes ----------------------------------------------------------------------
+    def insert_jobs(self, jobs: Sequence[Tuple[Any, ...]]) -> List[str]:
+        """Insert tuples in NEW_JOB_COLUMNS order, allocating sequence numbers (and ids where
+        None) in order; returns the ids. DuplicateKey on an existing id or active unique key."""
+
+    def insert_deps(self, pairs: Sequence[Tuple[str, str]]) -> None:
+        """(dep_id, job_id): job_id waits for dep_id."""
+
+    def claim(self, worker_id: str, now: float, lease_until: float,
+              limit: int = 1) -> List[Dict[str, Any]]:
+        """Up to ``limit`` ready jobs (CLAIM_COLUMNS), now processing with attempts + 1, in
+        claim order (priority desc, run_at, seq); none while the queue is paused. Concurrent
+        claimers never get the same job."""
+
+    def has_ready(self, now: float) -> bool:
+        """Cheap probe so idle workers only open a write transaction when work is due."""
+
+    def next_run_at(self) -> Optional[float]:
+        """Earliest run_at of a waiting job whose dependencies are done (for the idle timeout)."""
+
+    def update_job(self, job_id: str, fields: Dict[str, Any], *, states: Sequence[str] = (),
+                   worker_id: Optional[str] = None) -> int:
+        """Update one job if it is still in one of ``states`` and owned by ``worker_id``;
+        returns the number of rows changed (0 or 1)."""
+
+    def record_outcome(self, seq: int, worker_id: str, state: str, now: float, started_at: float,
+                       finished_at: float, exit_code: Optional[int], tail: str,
+                       error: Optional[str], run_at: Optional[float]) -> int:
+        """A finished run's result if the job is still ours (processing, our worker_id)."""
+
+    def add_run(self, job_id: str, attempt: int, worker_id: Optional[str],
+                started_at: Optional[float], finished_at: float, exit_code: Optional[int],
+                error: Optional[str]) -> None: ...
+
+    def release_dependents(self, dep_ids: Sequence[str], now: float) -> int:
+        """Each waiting job depending on any of ``dep_ids`` has that many dependencies fewer."""
+
+    def delete_jobs(self, ids: Sequence[str]) -> int:
+        """Delete jobs with their runs and dependency edges; returns how many jobs went."""
+
+    # -- jobs: reads -----------------------------------------------------------------------
+    def get(self, job_id: str) -> Optional[Dict[str, Any]]:
+        """The whole row (every column of the jobs table) or None."""
+
+    def states_of(self, ids: Sequence[str]) -> Dict[str, str]: ...
+
+    def active_with_key(self, unique_key: str) -> Optional[str]:
+        """Id of the waiting or running job holding ``unique_key``."""
+
+    def dependents(self, dep_id: str, states: Sequence[str]) -> List[str]: ...
+
+    def dependencies(self, job_id: str) -> List[str]: ...
+
+    def runs(self, job_id: str) -> List[Dict[str, Any]]:
+        """Every recorded attempt, oldest first; a completed job's last run is its own row."""
+
+    def processing(self) -> List[Dict[str, Any]]:
+        """Running jobs (id, worker_id, lease_until, job_pid, job_pid_start, attempts,
+        started_at), oldest first."""
+
+    def counts(self) -> Dict[str, int]:
+        """Jobs per state (states with none may be missing), from one snapshot."""
+
+    def list_jobs(self, states: Sequence[str] = (), limit: int = 0) -> List[Dict[str, Any]]:
+        """Newest ``limit`` jobs (0 = all) in the given states, oldest first."""
+
+    def finished_before(self, states: Sequence[str], before: float) -> List[str]: ...
+
+    # -- config and flags ------------------------------------------------------------------
+    def config_items(self) -> Dict[str, str]: ...
+
+    def config_set(self, key: str, value: str) -> None: ...
+
+    def config_unset(self, key: str) -> None: ...
+
+    def flag(self, key: str) -> Optional[str]: ...
+
+    def set_flag(self, key: str, value: Optional[str]) -> None: ...
+
+
+def database_url(paths: "Paths") -> str:
+    """Where the queue lives: ``$QUEUECTL_DB``, else the home's SQLite file."""
+    return os.environ.get(DB_ENV) or str(paths.db)
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(paths: "Paths", role: str = "cli") -> Store:
+    """The backend for this home. ``role``: "cli" (an acknowledged write survives power
+    loss), "worker" (a lost state change only means a job runs again) or "reader"."""
+    if role not in ROLES:
+        raise ValueError(f"unknown store role {role!r}")
+    url = database_url(paths)
+    if is_postgres(url):
+        try:
+            from queuectl.pg_store import PgStore
+        except ImportError as exc:
+            if "psycopg" not in str(exc):
+                raise
+            raise StorageError("QUEUECTL_DB names a PostgreSQL server, but psycopg is not installed; "
+                               "install the extra: pip install 'queuectl[postgres]'") from None
+        return PgStore(url, role=role)
+    from queuectl.sqlite_store import SqliteStore
+
+    if url.startswith("sqlite:///"):
+        url = url[len("sqlite:///") - 1:]  # sqlite:///abs/path -> /abs/path
+    elif url.startswith("sqlite://"):
+        raise StorageError(f"cannot use {url!r}: write sqlite:///ABSOLUTE/PATH or a plain path")
+    return SqliteStore(url, durable=role == "cli", workers_dir=paths.workers_dir)
