@@ -598,6 +598,21 @@ def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool) -> Non
         click.echo(f"(showing the newest {limit}; --limit 0 for all)", err=True)
 
 
+def _exit_text(code: Optional[int]) -> str:
+    """An exit status as people read it: a negative one is the signal that killed the job
+    (--json keeps the raw integer)."""
+    if code is None:
+        return "-"
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return str(code)
+
+
 @cli.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -611,7 +626,8 @@ def show(job_id: str, as_json: bool) -> None:
     command = info["command"]
     lines = [
         ("id", info["id"]),
-        ("state", info["state"] + (" (cancel requested)" if info["cancel_requested"] else "")),
+        ("state", info["state"] + (" (cancel requested)" if info["cancel_requested"]
+                                   and info["state"] not in TERMINAL else "")),
         ("command", json.dumps(command) if isinstance(command, list) else command),
         ("attempts", f"{info['attempts']} (max retries {info['effective_max_retries']}"
                      f"{'' if info['max_retries'] is not None else ', from config'})"),
@@ -633,7 +649,7 @@ def show(job_id: str, as_json: bool) -> None:
         lines.append(("after", ", ".join(info["after"]) + f" ({info['deps_left']} not completed yet)"))
     if info["unique_key"]:
         lines.append(("unique key", info["unique_key"]))
-    lines.append(("exit code", "-" if info["exit_code"] is None else str(info["exit_code"])))
+    lines.append(("exit code", _exit_text(info["exit_code"])))
     lines.append(("last error", info["last_error"] or "-"))
     lines.append(("log file", str(_paths().job_log(info["id"]))))
     for name, value in lines:
@@ -642,7 +658,14 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo("runs:")
         for run in info["runs"]:
             took = (run["finished_at"] - run["started_at"]) if run["started_at"] and run["finished_at"] else None
-            result = "ok" if run["exit_code"] == 0 and not run["error"] else (run["error"] or f"exit {run['exit_code']}")
+            if run["exit_code"] == 0 and not run["error"]:
+                result = "ok"
+            elif run["error"]:
+                result = run["error"]
+            elif run["exit_code"] is not None and run["exit_code"] < 0:
+                result = _exit_text(run["exit_code"])
+            else:
+                result = f"exit {run['exit_code']}"
             click.echo(f"  #{run['attempt']:<3} {format_instant(run['started_at'])}  "
                        f"{format_duration(took):>7}  {result}")
     if info["output_tail"]:
@@ -933,17 +956,25 @@ def resume() -> None:
 @click.option("--state", "-s", "states", multiple=True, required=True,
               type=click.Choice(TERMINAL), help="Which finished jobs (repeatable).")
 @click.option("--older-than", help="Only jobs finished longer ago than this (30m, 12h, 7d).")
-def purge(states: Sequence[str], older_than: Optional[str]) -> None:
+@click.option("--dry-run", "-n", is_flag=True, help="List the jobs that would go; delete nothing.")
+def purge(states: Sequence[str], older_than: Optional[str], dry_run: bool) -> None:
     """Delete finished jobs and their log files; never touches pending or running jobs.
 
     \b
     Examples:
+      queuectl purge --state completed --older-than 7d --dry-run
       queuectl purge --state completed --older-than 7d
       queuectl purge --state dead --state cancelled
     """
     from queuectl.timeutil import parse_duration
 
     age = parse_duration(older_than, "--older-than") if older_than is not None else 0.0
+    if dry_run:
+        ids = _queue().purge_candidates(states, age)
+        for job_id in ids:
+            click.echo(job_id)
+        click.echo(f"Would purge {len(ids)} job(s) (dry run: nothing deleted).", err=True)
+        return
     ids = _queue().purge(states, age)
     paths = _paths()
     for job_id in ids:

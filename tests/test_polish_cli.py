@@ -261,3 +261,48 @@ def test_logs_of_a_job_that_has_not_run_yet(cli):
     assert cli("logs", "p", "--tail", "5").stderr == "job p has not run yet (pending)\n"
     cli("cancel", "p")
     assert cli("logs", "p").stderr == "job p never ran (cancelled)\n"
+
+
+# -- 4. purge --dry-run ------------------------------------------------------------------------
+def test_purge_dry_run_lists_and_deletes_nothing(cli, queue, home, paths):
+    for name in ("c1", "c2", "p1"):
+        cli("add", "--id", name, "true")
+    for _ in range(2):
+        done = queue.claim(W)
+        queue.finish(done, Outcome(0, None, ""), W)
+    paths.job_logs_dir.mkdir(parents=True, exist_ok=True)
+    paths.job_log("c1").write_text("output\n")
+    before = dump_db(home)
+    result = cli("purge", "--state", "completed", "--dry-run")
+    assert result.stdout == "c1\nc2\n"
+    assert "Would purge 2 job(s)" in result.stderr and "nothing deleted" in result.stderr
+    assert dump_db(home) == before and paths.job_log("c1").exists()
+    assert cli("purge", "--state", "completed", "--older-than", "1d", "-n").stdout == ""
+    assert cli("purge", "--state", "completed").stdout == "Purged 2 job(s).\n"
+    assert not paths.job_log("c1").exists()
+
+
+# -- 7. show wording -----------------------------------------------------------------------------
+def test_show_finished_job_no_longer_says_cancel_requested(cli, queue):
+    cli("add", "--id", "run", "sleep 100")
+    running = queue.claim(W)
+    cli("cancel", "run", "--wait", "0")
+    assert "processing (cancel requested)" in cli("show", "run").stdout
+    queue.finish(running, Outcome(-15, "cancelled while running", "", cancelled=True), W)
+    text = cli("show", "run").stdout
+    assert "state:       cancelled\n" in text and "cancel requested" not in text
+
+
+def test_show_signal_exit_codes_as_names_json_keeps_the_integer(cli, queue):
+    cli("add", "--id", "sig", "--max-retries", "1", "kill $$")
+    queue.config_set("backoff_base", "0")
+    first = queue.claim(W)
+    queue.finish(first, Outcome(-15, None, ""), W)
+    second = queue.claim(W)
+    queue.finish(second, Outcome(-9, "killed by SIGKILL", ""), W)
+    text = cli("show", "sig").stdout
+    assert "exit code:   killed by SIGKILL" in text and "-9" not in text
+    runs = text.split("runs:")[1]
+    assert "killed by SIGTERM" in runs and "-15" not in runs
+    data = job(cli, "sig")
+    assert data["exit_code"] == -9 and [r["exit_code"] for r in data["runs"]] == [-15, -9]
