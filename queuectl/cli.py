@@ -156,15 +156,49 @@ def _public(job: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _table(rows: List[List[str]], headers: List[str]) -> None:
+def _terminal_width() -> int:
+    """Columns of the terminal; $COLUMNS, else 80 when stdout is not a terminal."""
+    import shutil
+
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _fit(widths: List[int], headers: List[str], shrink: Sequence[int], limit: int) -> List[int]:
+    """Narrow the ``shrink`` columns (widest first, never below their header or 10) until
+    the row fits in ``limit`` characters."""
+    widths = list(widths)
+    floor = {i: max(len(headers[i]), 10) for i in shrink}
+    excess = sum(widths) + 2 * (len(widths) - 1) - limit
+    while excess > 0:
+        candidates = sorted((i for i in shrink if widths[i] > floor[i]), key=lambda i: -widths[i])
+        if not candidates:
+            break
+        first = candidates[0]
+        runner_up = widths[candidates[1]] if len(candidates) > 1 else 0
+        target = max(floor[first], runner_up, widths[first] - excess)
+        if target == widths[first]:  # tie with the runner-up: take one off each in turn
+            target -= 1
+        excess -= widths[first] - target
+        widths[first] = target
+    return widths
+
+
+def _table(rows: List[List[str]], headers: List[str], shrink: Sequence[int] = (),
+           wide: bool = False) -> None:
+    """Print aligned columns; unless ``wide``, the ``shrink`` columns are cut with '…' so
+    each line fits the terminal."""
+    rows = [[" ".join(c.split()) if i in shrink else c for i, c in enumerate(r)] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    if not wide and shrink:
+        widths = _fit(widths, headers, shrink, _terminal_width())
+        rows = [[_short(c, widths[i]) if i in shrink else c for i, c in enumerate(r)] for r in rows]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
     click.echo(line)
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
-def _job_rows(jobs: List[Dict[str, Any]], with_error: bool = False) -> None:
+def _job_rows(jobs: List[Dict[str, Any]], with_error: bool = False, wide: bool = False) -> None:
     rows = []
     now = time.time()
     for job in jobs:
@@ -175,12 +209,13 @@ def _job_rows(jobs: List[Dict[str, Any]], with_error: bool = False) -> None:
         else:
             when = format_instant(job["finished_at"] or job["updated_at"])
         row = [job["id"], job["state"], str(job["attempts"]), str(job["priority"]), when,
-               _short(_command_text(job), 50)]
+               _command_text(job)]
         if with_error:
-            row.append(_short(job["last_error"] or "", 40))
+            row.append(job["last_error"] or "")
         rows.append(row)
     headers = ["ID", "STATE", "ATTEMPTS", "PRIORITY", "RUN/FINISHED", "COMMAND"]
-    _table(rows, headers + (["LAST ERROR"] if with_error else []))
+    _table(rows, headers + (["LAST ERROR"] if with_error else []),
+           shrink=(5, 6) if with_error else (5,), wide=wide)
 
 
 # -- the group ---------------------------------------------------------------------------------
@@ -525,7 +560,8 @@ def _worker_rows() -> List[Dict[str, Any]]:
 
 @worker.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def worker_status(as_json: bool) -> None:
+@click.option("--wide", "-w", is_flag=True, help="Do not cut columns to the terminal width.")
+def worker_status(as_json: bool, wide: bool) -> None:
     """List live workers: PID, idle/busy (with job id), uptime."""
     rows = _worker_rows()
     if as_json:
@@ -535,7 +571,7 @@ def worker_status(as_json: bool) -> None:
         click.echo("No running workers.")
         return
     _table([[str(r["pid"]), r["state"], r["job"] or "-", format_duration(r["uptime"]), r["mode"]]
-            for r in rows], ["PID", "STATE", "JOB", "UPTIME", "MODE"])
+            for r in rows], ["PID", "STATE", "JOB", "UPTIME", "MODE"], shrink=(2,), wide=wide)
 
 
 # -- inspection --------------------------------------------------------------------------------
@@ -571,8 +607,12 @@ def status(as_json: bool) -> None:
 @click.option("--dlq", is_flag=True, help="Only dead jobs (same as --state dead).")
 @click.option("--limit", "-l", default=100, show_default=True, help="Newest N jobs; 0 = all.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool) -> None:
+@click.option("--wide", "-w", is_flag=True, help="Do not cut the command and error to the terminal width.")
+def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool, wide: bool) -> None:
     """List jobs, oldest first among the newest --limit.
+
+    Commands and errors are cut with '…' to fit the terminal ($COLUMNS, or 80 when the
+    output is not a terminal); --wide prints them whole.
 
     \b
     Examples:
@@ -593,7 +633,7 @@ def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool) -> Non
     if not jobs:
         click.echo("No jobs" + (f" in state {', '.join(states)}." if states else "."))
         return
-    _job_rows(jobs, with_error=dlq or "dead" in states or "failed" in states)
+    _job_rows(jobs, with_error=dlq or "dead" in states or "failed" in states, wide=wide)
     if more:
         click.echo(f"(showing the newest {limit}; --limit 0 for all)", err=True)
 
@@ -690,10 +730,11 @@ def dlq() -> None:
 @dlq.command("list")
 @click.option("--limit", "-l", default=100, show_default=True, help="Newest N jobs; 0 = all.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--wide", "-w", is_flag=True, help="Do not cut the command and error to the terminal width.")
 @click.pass_context
-def dlq_list(ctx: click.Context, limit: int, as_json: bool) -> None:
+def dlq_list(ctx: click.Context, limit: int, as_json: bool, wide: bool) -> None:
     """List dead jobs with their last error."""
-    ctx.invoke(list_cmd, states=("dead",), dlq=False, limit=limit, as_json=as_json)
+    ctx.invoke(list_cmd, states=("dead",), dlq=False, limit=limit, as_json=as_json, wide=wide)
 
 
 @dlq.command("retry")

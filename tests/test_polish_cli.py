@@ -306,3 +306,57 @@ def test_show_signal_exit_codes_as_names_json_keeps_the_integer(cli, queue):
     assert "killed by SIGTERM" in runs and "-15" not in runs
     data = job(cli, "sig")
     assert data["exit_code"] == -9 and [r["exit_code"] for r in data["runs"]] == [-15, -9]
+
+
+# -- 8. tables fit the terminal ------------------------------------------------------------------
+LONG = "echo " + "x" * 150 + " && echo done"
+
+
+@pytest.mark.parametrize("columns", [60, 80, 132])
+def test_list_fits_columns_and_wide_prints_everything(cli, queue, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    cli("add", "--id", "long", LONG)
+    cli("add", "--id", "short", "true")
+    lines = cli("list").stdout.splitlines()
+    assert all(len(line) <= columns for line in lines), lines
+    assert "…" in lines[1] and lines[1].split()[-1].startswith("xxx")
+    assert lines[2].endswith("true")
+    wide = cli("list", "--wide").stdout
+    assert LONG in wide and "…" not in wide
+    assert json.loads(cli("list", "--json").stdout)[0]["command"] == LONG
+
+
+def test_not_a_terminal_defaults_to_80_columns(cli, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    cli("add", "--id", "long", LONG)
+    lines = cli("list").stdout.splitlines()
+    assert max(len(line) for line in lines) == 80
+
+
+def test_dlq_list_cuts_command_and_error(cli, queue, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "90")
+    cli("add", "--id", "d", "--max-retries", "0", LONG)
+    job_ = queue.claim(W)
+    queue.finish(job_, Outcome(1, "exit code 1: " + "e" * 100, ""), W)
+    for argv in (["dlq", "list"], ["list", "--dlq"]):
+        lines = cli(*argv).stdout.splitlines()
+        assert "LAST ERROR" in lines[0] and all(len(line) <= 90 for line in lines), lines
+        assert lines[1].count("…") == 2
+    wide = cli("dlq", "list", "--wide").stdout
+    assert LONG in wide and "e" * 100 in wide
+
+
+def test_worker_status_fits_and_wide(cli, queue, workers, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "50")
+    long_id = "job-" + "i" * 60
+    go = Path(str(workers.paths.home)) / "go"
+    cli("add", "--id", long_id, f"while [ ! -e {go} ]; do sleep 0.02; done")
+    workers.start(1)
+    try:
+        assert wait_until(lambda: "busy" in cli("worker", "status").stdout)
+        lines = cli("worker", "status").stdout.splitlines()
+        assert all(len(line) <= 50 for line in lines) and "…" in lines[1], lines
+        assert long_id in cli("worker", "status", "--wide").stdout
+        assert json.loads(cli("worker", "status", "--json").stdout)[0]["job"] == long_id
+    finally:
+        go.touch()
