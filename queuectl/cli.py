@@ -1097,18 +1097,23 @@ def config_unset(key: str) -> None:
 
 
 # -- dashboard ---------------------------------------------------------------------------------
+DASHBOARD_MIN_TOKEN = 8  # dashboard.MIN_TOKEN_LENGTH (not imported here: start-up stays fast)
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; a non-loopback address requires --token.")
 @click.option("--port", default=8420, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port; 0 picks a free one (the URL printed says which).")
 @click.option("--token", envvar="QUEUECTL_DASHBOARD_TOKEN", metavar="T",
-              help="Secret for actions (default: a random one, printed). Env: QUEUECTL_DASHBOARD_TOKEN.")
+              help=f"Secret for actions, at least {DASHBOARD_MIN_TOKEN} characters (default: a random "
+                   "one, printed). Env: QUEUECTL_DASHBOARD_TOKEN.")
 def dashboard(host: str, port: int, token: Optional[str]) -> None:
     """Serve a live web dashboard: counts, workers, jobs, output, DLQ; Ctrl-C stops.
 
     Reading is open on loopback; retry, cancel and pause/resume need the token, which
-    the printed URL carries (after '#', so it never reaches a server log).
+    the printed URL carries (after '#', so it never reaches a server log). A job's own
+    page is the URL with #job=ID.
 
     \b
     Examples:
@@ -1116,16 +1121,27 @@ def dashboard(host: str, port: int, token: Optional[str]) -> None:
       queuectl dashboard --port 0                 # any free port
       QUEUECTL_DASHBOARD_TOKEN=$(openssl rand -hex 16) queuectl dashboard --host 0.0.0.0
     """
+    import errno
+
     from queuectl import dashboard as board
 
     _queue()  # create or check the database now: a broken one is an error before we listen
-    server = board.make_server(_paths(), host, port, token,
-                               log=lambda message: click.echo(message, err=True))
+    try:
+        server = board.make_server(_paths(), host, port, token,
+                                   log=lambda message: click.echo(message, err=True))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use (another dashboard?); "
+                            "choose another with --port N, or --port 0 for any free one") from None
+        raise
     if token is None:
         click.echo(f"Dashboard: {server.url}#token={server.token}")
         click.echo(f"Token for actions (retry, cancel, pause): {server.token}")
     else:
         click.echo(f"Dashboard: {server.url}  (actions need the token you gave)")
+    remote = server.remote_url()
+    if remote:
+        click.echo(f"From other machines: {remote}  (listening on all addresses, {host})")
     click.echo("Press Ctrl-C to stop.")
     board.run(server)
     click.echo("Dashboard stopped.")

@@ -360,3 +360,76 @@ def test_worker_status_fits_and_wide(cli, queue, workers, monkeypatch):
         assert json.loads(cli("worker", "status", "--json").stdout)[0]["job"] == long_id
     finally:
         go.touch()
+
+
+# -- 10. dashboard -------------------------------------------------------------------------------
+def test_dashboard_port_in_use_is_one_line_suggesting_port_0(cli, home):
+    import socket as sock
+
+    holder = sock.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        result = run_queuectl("dashboard", "--port", str(port), home=home, timeout=30)
+    finally:
+        holder.close()
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"port {port}" in result.stderr and "--port 0" in result.stderr
+
+
+def test_dashboard_help_and_readme_give_the_token_minimum(cli):
+    from queuectl.cli import DASHBOARD_MIN_TOKEN
+    from queuectl.dashboard import MIN_TOKEN_LENGTH
+
+    assert DASHBOARD_MIN_TOKEN == MIN_TOKEN_LENGTH
+    help_text = " ".join(cli("dashboard", "--help").stdout.split())
+    assert f"at least {MIN_TOKEN_LENGTH} characters" in help_text
+    assert f"at least {MIN_TOKEN_LENGTH} characters" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("host, shown", [("0.0.0.0", "http://127.0.0.1:"), ("::", "http://[::1]:")])
+def test_dashboard_on_every_address_prints_a_url_a_browser_can_open(home, host, shown):
+    import socket as sock
+
+    if host == "::" and not sock.has_ipv6:
+        pytest.skip("no IPv6")
+    env = dict(os.environ, QUEUECTL_HOME=str(home), QUEUECTL_DASHBOARD_TOKEN="s3cret-token-here")
+    proc = subprocess.Popen([sys.executable, "-m", "queuectl.cli", "dashboard", "--host", host,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        if not first:
+            pytest.skip(f"cannot bind {host} here: {proc.stderr.read().strip()}")
+        second = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert first.startswith("Dashboard: " + shown) and "0.0.0.0" not in first, first
+    assert second.startswith("From other machines: http://") and sock.gethostname() in second
+
+
+def test_403_names_the_token_the_user_chose(paths):
+    from dashboard_support import http, running_dashboard
+    from queuectl.dashboard import TOKEN_HEADER
+
+    with running_dashboard(paths, token="chosen-by-me") as server:
+        status, _, body = http(f"http://127.0.0.1:{server.port}/api/pause", "POST",
+                               {TOKEN_HEADER: "wrong-token"})
+    assert status == 403 and "--token" in body["error"] and "printed" not in body["error"]
+    with running_dashboard(paths) as server:
+        status, _, body = http(f"http://127.0.0.1:{server.port}/api/pause", "POST")
+    assert status == 403 and "printed at start-up" in body["error"]
+
+
+def test_page_labels_the_order_and_links_each_job():
+    from queuectl.dashboard import static_file
+
+    page = static_file("index.html").decode()
+    script = static_file("app.js").decode()
+    assert "newest first" in page.lower()
+    assert '"#job="' in script and "hashchange" in script
+    assert "jobLink(j.id)" in script  # the job list's ids are links too
+    assert "printed by queuectl dashboard" not in page + script
