@@ -433,3 +433,33 @@ def test_page_labels_the_order_and_links_each_job():
     assert '"#job="' in script and "hashchange" in script
     assert "jobLink(j.id)" in script  # the job list's ids are links too
     assert "printed by queuectl dashboard" not in page + script
+
+
+# -- 11. ./queuectl.py without click -------------------------------------------------------------
+BLOCK_CLICK = """
+import runpy, sys
+class NoClick:
+    def find_spec(self, name, path=None, target=None):
+        if name == "click" or name.startswith("click."):
+            raise ModuleNotFoundError("No module named 'click'", name="click")
+        return None
+sys.meta_path.insert(0, NoClick())
+sys.argv = [sys.argv[1], "status"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_checkout_script_without_click_says_how_to_install_it(home):
+    result = subprocess.run([sys.executable, "-c", BLOCK_CLICK, str(ROOT / "queuectl.py")],
+                            capture_output=True, text=True, cwd=str(ROOT), timeout=60,
+                            env=dict(os.environ, QUEUECTL_HOME=str(home)))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "queuectl needs the 'click' package: pip install .  (or pip install click)\n"
+    assert not (home / "queue.db").exists()
+
+
+def test_checkout_script_with_click_still_runs(home):
+    result = subprocess.run([sys.executable, str(ROOT / "queuectl.py"), "add", "-q", "true"],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, QUEUECTL_HOME=str(home)))
+    assert result.returncode == 0 and result.stdout == "1\n", result.stderr
