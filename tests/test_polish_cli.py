@@ -463,3 +463,16 @@ def test_checkout_script_with_click_still_runs(home):
                             capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, QUEUECTL_HOME=str(home)))
     assert result.returncode == 0 and result.stdout == "1\n", result.stderr
+
+
+# -- 12. README install works under PEP 668 ------------------------------------------------------
+def test_readme_install_makes_a_venv_first_and_keeps_the_ci_commands():
+    text = (ROOT / "README.md").read_text()
+    install = text.split("## Install", 1)[1].split("\n## ", 1)[0]
+    venv = "python3 -m venv ~/.venv/queuectl && . ~/.venv/queuectl/bin/activate && pip install ."
+    assert venv in install and "pipx install ." in install
+    assert install.index(venv) < install.index("pip install . && bash demo_script.sh")
+    assert "pip install -e '.[test]' && pytest" in install
+    for flag in ("--quiet", "--json", "--tail", "--dry-run", "--wide", "--scheduled", "130",
+                 "No such option", "note: no workers are running", "#job=ID"):
+        assert flag in text, flag
