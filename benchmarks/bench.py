@@ -267,7 +267,8 @@ def idle_cpu(pids: List[int], seconds: float) -> float:
 
 def timed_run(argv: List[str], env: Dict[str, str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
+    # stderr captured: with no worker running, every enqueue notes so on stderr
+    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True)
     return time.perf_counter() - t0
 
 

@@ -32,7 +32,12 @@ def _one_line(exc: click.UsageError) -> click.UsageError:
     error and the hint on one stderr line instead (exit code stays 2)."""
     def show(file: Any = None) -> None:
         hint = f" (try '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(f"Error: {' '.join(exc.format_message().split())}{hint}", err=True)
+        message = exc.format_message()
+        if isinstance(exc, click.NoSuchOption):  # the same words whatever click's version
+            message = f"No such option: {exc.option_name}"
+            if exc.possibilities:
+                message += f" (did you mean {', '.join(sorted(exc.possibilities))}?)"
+        click.echo(f"Error: {' '.join(message.split())}{hint}", err=True)
 
     exc.show = show  # type: ignore[method-assign]
     return exc
@@ -87,6 +92,42 @@ def _queue(durable: bool = True):
     return Queue(open_store(_paths(), "cli" if durable else "reader"))
 
 
+NO_WORKERS_NOTE = "note: no workers are running; start them with: queuectl worker start"
+PAUSED_NOTE = "note: the queue is paused; 'queuectl resume' to continue"
+
+
+def _notes(queue: Any) -> List[str]:
+    """Why jobs may not run soon: no live worker, or the queue is paused.
+
+    The ONE place that decides whether a worker runs (today: this host's PID files; later a
+    registry in the database). It stays cheap because `add` calls it: with no PID file at
+    all there is no worker, decided without importing the launcher.
+    """
+    notes = []
+    paths = _paths()
+    try:
+        names = os.listdir(paths.workers_dir)
+    except OSError:
+        names = []
+    running = False
+    if any(n.endswith(".json") and not n.startswith(".") for n in names):
+        from queuectl import worker_launcher
+
+        running = bool(worker_launcher.list_workers(paths, clean=False))
+    if not running:
+        notes.append(NO_WORKERS_NOTE)
+    if queue.paused():
+        notes.append(PAUSED_NOTE)
+    return notes
+
+
+def _print_notes(queue: Any, only: Optional[str] = None) -> None:
+    """The notes on stderr (never stdout: --json and --quiet output stays parseable)."""
+    for note in _notes(queue):
+        if only is None or note == only:
+            click.echo(note, err=True)
+
+
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -112,15 +153,49 @@ def _public(job: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _table(rows: List[List[str]], headers: List[str]) -> None:
+def _terminal_width() -> int:
+    """Columns of the terminal; $COLUMNS, else 80 when stdout is not a terminal."""
+    import shutil
+
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _fit(widths: List[int], headers: List[str], shrink: Sequence[int], limit: int) -> List[int]:
+    """Narrow the ``shrink`` columns (widest first, never below their header or 10) until
+    the row fits in ``limit`` characters."""
+    widths = list(widths)
+    floor = {i: max(len(headers[i]), 10) for i in shrink}
+    excess = sum(widths) + 2 * (len(widths) - 1) - limit
+    while excess > 0:
+        candidates = sorted((i for i in shrink if widths[i] > floor[i]), key=lambda i: -widths[i])
+        if not candidates:
+            break
+        first = candidates[0]
+        runner_up = widths[candidates[1]] if len(candidates) > 1 else 0
+        target = max(floor[first], runner_up, widths[first] - excess)
+        if target == widths[first]:  # tie with the runner-up: take one off each in turn
+            target -= 1
+        excess -= widths[first] - target
+        widths[first] = target
+    return widths
+
+
+def _table(rows: List[List[str]], headers: List[str], shrink: Sequence[int] = (),
+           wide: bool = False) -> None:
+    """Print aligned columns; unless ``wide``, the ``shrink`` columns are cut with '…' so
+    each line fits the terminal."""
+    rows = [[" ".join(c.split()) if i in shrink else c for i, c in enumerate(r)] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    if not wide and shrink:
+        widths = _fit(widths, headers, shrink, _terminal_width())
+        rows = [[_short(c, widths[i]) if i in shrink else c for i, c in enumerate(r)] for r in rows]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
     click.echo(line)
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
-def _job_rows(jobs: List[Dict[str, Any]], with_error: bool = False) -> None:
+def _job_rows(jobs: List[Dict[str, Any]], with_error: bool = False, wide: bool = False) -> None:
     rows = []
     now = time.time()
     for job in jobs:
@@ -131,12 +206,13 @@ def _job_rows(jobs: List[Dict[str, Any]], with_error: bool = False) -> None:
         else:
             when = format_instant(job["finished_at"] or job["updated_at"])
         row = [job["id"], job["state"], str(job["attempts"]), str(job["priority"]), when,
-               _short(_command_text(job), 50)]
+               _command_text(job)]
         if with_error:
-            row.append(_short(job["last_error"] or "", 40))
+            row.append(job["last_error"] or "")
         rows.append(row)
     headers = ["ID", "STATE", "ATTEMPTS", "PRIORITY", "RUN/FINISHED", "COMMAND"]
-    _table(rows, headers + (["LAST ERROR"] if with_error else []))
+    _table(rows, headers + (["LAST ERROR"] if with_error else []),
+           shrink=(5, 6) if with_error else (5,), wide=wide)
 
 
 # -- the group ---------------------------------------------------------------------------------
@@ -213,7 +289,9 @@ def _read_batch(source: str) -> "tuple[List[Any], List[int]]":
     return items, lines
 
 
-def _submit(items: Sequence[Any], where: Sequence[str], if_exists: str, progress: bool = False) -> None:
+def _submit(items: Sequence[Any], where: Sequence[str], if_exists: str,
+            progress: bool = False) -> "tuple[Any, List[Any]]":
+    """Validate and enqueue in one transaction; returns (the queue, one result per item)."""
     from queuectl.jobspec import parse_job
 
     now = time.time()
@@ -248,18 +326,43 @@ def _submit(items: Sequence[Any], where: Sequence[str], if_exists: str, progress
         index = getattr(exc, "index", None)
         prefix = where[index] if index is not None else ""
         raise type(exc)(f"{prefix}{exc}") from None
-    if len(results) == 1:
+    return queue, results
+
+
+def _report(queue: Any, results: Sequence[Any], quiet: bool, as_json: bool,
+            single: bool = False) -> None:
+    """Print what an enqueue did: the default lines scripts already parse, only the ids
+    (--quiet), or JSON (--json); then, on stderr, why the jobs may not start soon."""
+    if as_json:
+        created = [r.id for r in results if r.created]
+        skipped = [r.id for r in results if not r.created]
+        if single:
+            _emit_json({"id": results[0].id, "created": bool(results[0].created)})
+        else:
+            _emit_json({"ids": created, "created": len(created), "skipped": skipped})
+    elif quiet:
+        click.echo("\n".join(r.id for r in results))
+    elif len(results) == 1:
         result = results[0]
         if result.created:
             click.echo(f"Enqueued job {result.id}")
         else:
             # Same word position as "Enqueued job ID": `awk '{print $3}'` gets the id either way.
             click.echo(f"Existing job {result.id} already holds that unique key; nothing enqueued")
-        return
-    created = sum(r.created for r in results)
-    skipped = len(results) - created
-    click.echo(f"Enqueued {created} jobs" + (f" ({skipped} skipped: unique key active)" if skipped else "")
-               + (f": {results[0].id} … {results[-1].id}" if created else ""))
+    else:
+        created_n = sum(r.created for r in results)
+        skipped_n = len(results) - created_n
+        click.echo(f"Enqueued {created_n} jobs"
+                   + (f" ({skipped_n} skipped: unique key active)" if skipped_n else "")
+                   + (f": {results[0].id} … {results[-1].id}" if created_n else ""))
+    _print_notes(queue)
+
+
+def _output_options(func: Any) -> Any:
+    """--quiet / --json for the commands that add jobs."""
+    func = click.option("--json", "as_json", is_flag=True,
+                        help="Machine-readable result (ids created and skipped).")(func)
+    return click.option("--quiet", "-q", is_flag=True, help="Print only the job id(s), one per line.")(func)
 
 
 @cli.command()
@@ -267,7 +370,9 @@ def _submit(items: Sequence[Any], where: Sequence[str], if_exists: str, progress
 @click.option("--file", "-f", "source", metavar="PATH", help="JSON Lines file ('-' = stdin); all jobs in one transaction.")
 @click.option("--if-exists", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="When a job with the same unique_key is active: fail, or print its id and exit 0.")
-def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str) -> None:
+@_output_options
+def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str, quiet: bool,
+            as_json: bool) -> None:
     """Add a job described as JSON.
 
     \b
@@ -282,6 +387,8 @@ def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str) -> N
       queuectl enqueue '{"command":"./report.sh","run_at":"2030-01-01T09:00:00Z","priority":10}'
       queuectl enqueue --file jobs.jsonl
       generate_jobs | queuectl enqueue --file -
+      id=$(queuectl enqueue -q '{"command":"make"}')
+      queuectl enqueue --json --file jobs.jsonl | jq '.ids'
     """
     if (job_json is None) == (source is None):
         raise InvalidInput("give one job as a JSON argument, or --file PATH (use '-' for stdin)")
@@ -290,20 +397,21 @@ def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str) -> N
         # fifth of a bulk enqueue); this short-lived process creates no cycles worth it.
         gc.disable()
         items, lines = _read_batch(source)
-        _submit(items, [f"line {n}: " for n in lines], if_exists, progress=True)
+        _report(*_submit(items, [f"line {n}: " for n in lines], if_exists, progress=True),
+                quiet, as_json)
         return
     try:
         data = json.loads(job_json)
     except ValueError as exc:
         raise InvalidInput(f"malformed JSON: {exc}") from None
     if isinstance(data, list):
-        _submit(data, [f"job {i + 1}: " for i in range(len(data))], if_exists)
+        _report(*_submit(data, [f"job {i + 1}: " for i in range(len(data))], if_exists), quiet, as_json)
     else:
-        _submit([data], [""], if_exists)
+        _report(*_submit([data], [""], if_exists), quiet, as_json)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@cli.command()
+@click.argument("command", nargs=-1, required=True)
 @click.option("--id", "job_id", help="Job id (default: the next number).")
 @click.option("--max-retries", type=int, help="Retries after the first run (default: config max_retries).")
 @click.option("--priority", "-p", type=int, help="Higher runs first (default 0).")
@@ -315,12 +423,17 @@ def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str) -> N
 @click.option("--unique-key", help="Refuse if an active job holds this key.")
 @click.option("--if-exists", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="With --unique-key: fail, or print the existing id and exit 0.")
+@_output_options
 def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int],
         priority: Optional[int], run_at: Optional[str], delay: Optional[str], timeout: Optional[str],
-        cwd: Optional[str], after: Optional[str], unique_key: Optional[str], if_exists: str) -> None:
+        cwd: Optional[str], after: Optional[str], unique_key: Optional[str], if_exists: str,
+        quiet: bool, as_json: bool) -> None:
     """Add a job from the command line, no JSON quoting needed.
 
     One argument is run by the shell; several are quoted so each stays one argument.
+    Options may come before or after the command, and an unknown one is an error (a typo
+    never becomes part of the command). A command with arguments starting with '-' goes
+    after '--': everything after it is the command, verbatim.
 
     \b
     Examples:
@@ -330,6 +443,8 @@ def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int
       queuectl add "echo later" --run-at "2025-12-01T10:00:00Z"
       queuectl add --timeout 5m --unique-key nightly-backup -- rsync -a /src /dst
       queuectl add --after 12,13 "make report"
+      queuectl add -- rsync -a --delete /src /dst
+      id=$(queuectl add -q "make build")
     """
     if len(command) == 1:
         text = command[0]
@@ -343,7 +458,7 @@ def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int
                         ("after", after), ("unique_key", unique_key)):
         if value is not None:
             data[name] = value
-    _submit([data], [""], if_exists)
+    _report(*_submit([data], [""], if_exists), quiet, as_json, single=True)
 
 
 # -- workers -----------------------------------------------------------------------------------
@@ -393,15 +508,19 @@ def worker_start(count: int, foreground: bool, backoff_base: Optional[float], lo
     """Start N workers; detached by default (PID files in workers/, logs in logs/)."""
     _check_count(count)
     options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
-    _queue()
+    queue = _queue()
     from queuectl import worker_launcher
 
     paths = _paths()
     if foreground:
+        if queue.paused():
+            _print_notes(queue, only=PAUSED_NOTE)
         sys.exit(worker_launcher.run_attached(paths, count, options))
     pids = worker_launcher.start_detached(paths, count, options)
     click.echo(f"Started {len(pids)} worker(s) in the background with PIDs: {', '.join(map(str, pids))}")
     click.echo(f"Logs: {paths.logs_dir}/worker-<pid>.log")
+    if queue.paused():
+        _print_notes(queue, only=PAUSED_NOTE)
 
 
 @worker.command("stop")
@@ -438,7 +557,8 @@ def _worker_rows() -> List[Dict[str, Any]]:
 
 @worker.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def worker_status(as_json: bool) -> None:
+@click.option("--wide", "-w", is_flag=True, help="Do not cut columns to the terminal width.")
+def worker_status(as_json: bool, wide: bool) -> None:
     """List live workers: PID, idle/busy (with job id), uptime."""
     rows = _worker_rows()
     if as_json:
@@ -448,7 +568,7 @@ def worker_status(as_json: bool) -> None:
         click.echo("No running workers.")
         return
     _table([[str(r["pid"]), r["state"], r["job"] or "-", format_duration(r["uptime"]), r["mode"]]
-            for r in rows], ["PID", "STATE", "JOB", "UPTIME", "MODE"])
+            for r in rows], ["PID", "STATE", "JOB", "UPTIME", "MODE"], shrink=(2,), wide=wide)
 
 
 # -- inspection --------------------------------------------------------------------------------
@@ -484,8 +604,12 @@ def status(as_json: bool) -> None:
 @click.option("--dlq", is_flag=True, help="Only dead jobs (same as --state dead).")
 @click.option("--limit", "-l", default=100, show_default=True, help="Newest N jobs; 0 = all.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool) -> None:
+@click.option("--wide", "-w", is_flag=True, help="Do not cut the command and error to the terminal width.")
+def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool, wide: bool) -> None:
     """List jobs, oldest first among the newest --limit.
+
+    Commands and errors are cut with '…' to fit the terminal ($COLUMNS, or 80 when the
+    output is not a terminal); --wide prints them whole.
 
     \b
     Examples:
@@ -506,9 +630,24 @@ def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool) -> Non
     if not jobs:
         click.echo("No jobs" + (f" in state {', '.join(states)}." if states else "."))
         return
-    _job_rows(jobs, with_error=dlq or "dead" in states or "failed" in states)
+    _job_rows(jobs, with_error=dlq or "dead" in states or "failed" in states, wide=wide)
     if more:
         click.echo(f"(showing the newest {limit}; --limit 0 for all)", err=True)
+
+
+def _exit_text(code: Optional[int]) -> str:
+    """An exit status as people read it: a negative one is the signal that killed the job
+    (--json keeps the raw integer)."""
+    if code is None:
+        return "-"
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return str(code)
 
 
 @cli.command()
@@ -524,7 +663,8 @@ def show(job_id: str, as_json: bool) -> None:
     command = info["command"]
     lines = [
         ("id", info["id"]),
-        ("state", info["state"] + (" (cancel requested)" if info["cancel_requested"] else "")),
+        ("state", info["state"] + (" (cancel requested)" if info["cancel_requested"]
+                                   and info["state"] not in TERMINAL else "")),
         ("command", json.dumps(command) if isinstance(command, list) else command),
         ("attempts", f"{info['attempts']} (max retries {info['effective_max_retries']}"
                      f"{'' if info['max_retries'] is not None else ', from config'})"),
@@ -546,7 +686,7 @@ def show(job_id: str, as_json: bool) -> None:
         lines.append(("after", ", ".join(info["after"]) + f" ({info['deps_left']} not completed yet)"))
     if info["unique_key"]:
         lines.append(("unique key", info["unique_key"]))
-    lines.append(("exit code", "-" if info["exit_code"] is None else str(info["exit_code"])))
+    lines.append(("exit code", _exit_text(info["exit_code"])))
     lines.append(("last error", info["last_error"] or "-"))
     lines.append(("log file", str(_paths().job_log(info["id"]))))
     for name, value in lines:
@@ -555,7 +695,14 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo("runs:")
         for run in info["runs"]:
             took = (run["finished_at"] - run["started_at"]) if run["started_at"] and run["finished_at"] else None
-            result = "ok" if run["exit_code"] == 0 and not run["error"] else (run["error"] or f"exit {run['exit_code']}")
+            if run["exit_code"] == 0 and not run["error"]:
+                result = "ok"
+            elif run["error"]:
+                result = run["error"]
+            elif run["exit_code"] is not None and run["exit_code"] < 0:
+                result = _exit_text(run["exit_code"])
+            else:
+                result = f"exit {run['exit_code']}"
             click.echo(f"  #{run['attempt']:<3} {format_instant(run['started_at'])}  "
                        f"{format_duration(took):>7}  {result}")
     if info["output_tail"]:
@@ -580,10 +727,11 @@ def dlq() -> None:
 @dlq.command("list")
 @click.option("--limit", "-l", default=100, show_default=True, help="Newest N jobs; 0 = all.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--wide", "-w", is_flag=True, help="Do not cut the command and error to the terminal width.")
 @click.pass_context
-def dlq_list(ctx: click.Context, limit: int, as_json: bool) -> None:
+def dlq_list(ctx: click.Context, limit: int, as_json: bool, wide: bool) -> None:
     """List dead jobs with their last error."""
-    ctx.invoke(list_cmd, states=("dead",), dlq=False, limit=limit, as_json=as_json)
+    ctx.invoke(list_cmd, states=("dead",), dlq=False, limit=limit, as_json=as_json, wide=wide)
 
 
 @dlq.command("retry")
@@ -619,17 +767,40 @@ def retry(job_ids: Sequence[str]) -> None:
 
 
 # -- day-to-day control ------------------------------------------------------------------------
+def _ctrl_c_exits_130(func: Any) -> Any:
+    """Ctrl-C in a command that only watches ends it quietly with the shell's 128+SIGINT
+    (no "Aborted!"): nothing was changed, so there is nothing to report."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            if sys.stderr.isatty():
+                click.echo(err=True)
+            sys.exit(130)
+    return wrapper
+
+
 @cli.command()
 @click.argument("job_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job's run ends.")
 @click.option("--attempt", "-a", type=int, help="Only this attempt's section of the log.")
-def logs(job_id: str, follow: bool, attempt: Optional[int]) -> None:
+@click.option("--tail", "-n", "tail_n", type=click.IntRange(min=0), metavar="N",
+              help="Only the last N lines (of that attempt with --attempt); with --follow, start there.")
+@_ctrl_c_exits_130
+def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int]) -> None:
     """Print a job's captured output (stdout+stderr, every attempt with a header).
+
+    --follow exits like wait: 0 when the job completed, 1 when it ended dead or cancelled,
+    130 on Ctrl-C.
 
     \b
     Examples:
       queuectl logs 42
-      queuectl logs 42 --attempt 2
+      queuectl logs 42 --tail 20
+      queuectl logs 42 --attempt 2 --tail 5
       queuectl logs 42 --follow        # like tail -f, through retries; exits when the job is
                                        # completed, dead or cancelled
     """
@@ -640,13 +811,24 @@ def logs(job_id: str, follow: bool, attempt: Optional[int]) -> None:
     path = _paths().job_log(job["id"])
     out = sys.stdout.buffer
     if attempt is not None or not follow:
-        data = joblog.read_attempt(path, attempt)
-        if attempt is not None and not data:
-            raise InvalidInput(f"job {job['id']!r} has no logged attempt {attempt}")
+        if attempt is None and tail_n is not None:
+            data = joblog.read_last_lines(path, tail_n)[0]
+        else:
+            data = joblog.read_attempt(path, attempt)
+            if attempt is not None and not data:
+                raise InvalidInput(f"job {job['id']!r} has no logged attempt {attempt}")
+            if tail_n is not None:
+                data = joblog.tail_lines(data, tail_n)
+        if not data and job["attempts"] == 0 and not path.exists():
+            word = "never ran" if job["state"] in TERMINAL else "has not run yet"
+            click.echo(f"job {job['id']} {word} ({job['state']})", err=True)
+            return
         out.write(data)
         out.flush()
         return
-    offset = 0
+    offset = joblog.read_last_lines(path, tail_n)[1] if tail_n is not None else 0
+    if job["state"] not in TERMINAL:
+        _print_notes(queue)
     while True:
         state = queue.get(job["id"])["state"]
         try:
@@ -660,6 +842,9 @@ def logs(job_id: str, follow: bool, attempt: Optional[int]) -> None:
             out.flush()
             offset += len(chunk)
         elif state in TERMINAL:  # a failed attempt that will be retried is not the end
+            if state != "completed":
+                click.echo(f"job {job['id']} ended {state}", err=True)
+                sys.exit(1)
             return
         else:
             time.sleep(0.1)
@@ -667,38 +852,59 @@ def logs(job_id: str, follow: bool, attempt: Optional[int]) -> None:
 
 @cli.command()
 @click.argument("job_ids", nargs=-1)
-@click.option("--all", "all_jobs", is_flag=True, help="Every job not yet finished when wait starts.")
+@click.option("--all", "all_jobs", is_flag=True,
+              help="Every unfinished job that is due (not those scheduled later) when wait starts.")
+@click.option("--scheduled", is_flag=True,
+              help="With --all: also wait for jobs scheduled to start later (run_at/delay).")
 @click.option("--timeout", "-t", "timeout_s", help="Give up after this long (30, 5m, 2h); exit 2.")
 @click.option("--json", "as_json", is_flag=True, help="Print each job's final state as JSON (same exit codes).")
-def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str], as_json: bool) -> None:
+@_ctrl_c_exits_130
+def wait(job_ids: Sequence[str], all_jobs: bool, scheduled: bool, timeout_s: Optional[str],
+         as_json: bool) -> None:
     """Block until jobs are completed or dead (or cancelled).
 
-    Exit 0 if all completed, 1 if any ended dead or cancelled, 2 on timeout.
+    Exit 0 if all completed, 1 if any ended dead or cancelled, 2 on timeout, 130 on Ctrl-C.
+    --all leaves out pending jobs whose start time is still in the future (it says how many
+    and when the next is due); --scheduled waits for those too.
 
     \b
     Examples:
-      id=$(queuectl add "make build" | awk '{print $3}'); queuectl wait "$id"
+      id=$(queuectl add -q "make build"); queuectl wait "$id"
       queuectl wait --all --timeout 10m
+      queuectl wait --all --scheduled
       queuectl wait --json a b c | jq -r '.jobs | to_entries[] | select(.value != "completed") | .key'
     """
     from queuectl.timeutil import parse_duration
 
     if bool(job_ids) == all_jobs:
         raise InvalidInput("give job ids, or --all")
+    if scheduled and not all_jobs:
+        raise InvalidInput("--scheduled goes with --all")
     limit = parse_duration(timeout_s, "--timeout") if timeout_s is not None else None
     queue = _queue()
     if all_jobs:
-        ids = [j["id"] for j in queue.list(("pending", "processing", "failed"))]
+        now = time.time()
+        jobs = queue.list(("pending", "processing", "failed"))
+        later = [] if scheduled else [j for j in jobs if j["state"] == "pending" and j["run_at"] > now]
+        left_out = {j["id"] for j in later}
+        ids = [j["id"] for j in jobs if j["id"] not in left_out]
+        if later:
+            due = min(j["run_at"] for j in later)
+            click.echo(f"note: not waiting for {len(later)} job(s) scheduled later (next due "
+                       f"{format_instant(due)}, in {format_duration(due - now)}); "
+                       "--scheduled waits for them too", err=True)
     else:
         ids = [queue.get(job_id)["id"] for job_id in dict.fromkeys(job_ids)]
     if not ids and not as_json:
-        click.echo("Nothing to wait for: no unfinished jobs.")
+        click.echo("Nothing to wait for: no unfinished jobs" + (" due now." if all_jobs and not scheduled
+                                                                 else "."))
         return
     deadline = time.monotonic() + limit if limit is not None else None
     tty = sys.stderr.isatty()
     final: Dict[str, str] = {}
     remaining = list(ids)
     delay = 0.02
+    first = True
     while True:
         states = queue.states(remaining)
         for job_id in remaining:
@@ -706,6 +912,9 @@ def wait(job_ids: Sequence[str], all_jobs: bool, timeout_s: Optional[str], as_js
             if state in TERMINAL:
                 final[job_id] = state
         remaining = [j for j in remaining if j not in final]
+        if remaining and first:
+            _print_notes(queue)
+        first = False
         if tty:
             bad = sum(1 for s in final.values() if s != "completed")
             click.echo(f"\r{len(final)}/{len(ids)} finished" + (f" ({bad} dead/cancelled)" if bad else "")
@@ -785,17 +994,25 @@ def resume() -> None:
 @click.option("--state", "-s", "states", multiple=True, required=True,
               type=click.Choice(TERMINAL), help="Which finished jobs (repeatable).")
 @click.option("--older-than", help="Only jobs finished longer ago than this (30m, 12h, 7d).")
-def purge(states: Sequence[str], older_than: Optional[str]) -> None:
+@click.option("--dry-run", "-n", is_flag=True, help="List the jobs that would go; delete nothing.")
+def purge(states: Sequence[str], older_than: Optional[str], dry_run: bool) -> None:
     """Delete finished jobs and their log files; never touches pending or running jobs.
 
     \b
     Examples:
+      queuectl purge --state completed --older-than 7d --dry-run
       queuectl purge --state completed --older-than 7d
       queuectl purge --state dead --state cancelled
     """
     from queuectl.timeutil import parse_duration
 
     age = parse_duration(older_than, "--older-than") if older_than is not None else 0.0
+    if dry_run:
+        ids = _queue().purge_candidates(states, age)
+        for job_id in ids:
+            click.echo(job_id)
+        click.echo(f"Would purge {len(ids)} job(s) (dry run: nothing deleted).", err=True)
+        return
     ids = _queue().purge(states, age)
     paths = _paths()
     for job_id in ids:
@@ -877,18 +1094,23 @@ def config_unset(key: str) -> None:
 
 
 # -- dashboard ---------------------------------------------------------------------------------
+DASHBOARD_MIN_TOKEN = 8  # dashboard.MIN_TOKEN_LENGTH (not imported here: start-up stays fast)
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; a non-loopback address requires --token.")
 @click.option("--port", default=8420, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port; 0 picks a free one (the URL printed says which).")
 @click.option("--token", envvar="QUEUECTL_DASHBOARD_TOKEN", metavar="T",
-              help="Secret for actions (default: a random one, printed). Env: QUEUECTL_DASHBOARD_TOKEN.")
+              help=f"Secret for actions, at least {DASHBOARD_MIN_TOKEN} characters (default: a random "
+                   "one, printed). Env: QUEUECTL_DASHBOARD_TOKEN.")
 def dashboard(host: str, port: int, token: Optional[str]) -> None:
     """Serve a live web dashboard: counts, workers, jobs, output, DLQ; Ctrl-C stops.
 
     Reading is open on loopback; retry, cancel and pause/resume need the token, which
-    the printed URL carries (after '#', so it never reaches a server log).
+    the printed URL carries (after '#', so it never reaches a server log). A job's own
+    page is the URL with #job=ID.
 
     \b
     Examples:
@@ -896,16 +1118,27 @@ def dashboard(host: str, port: int, token: Optional[str]) -> None:
       queuectl dashboard --port 0                 # any free port
       QUEUECTL_DASHBOARD_TOKEN=$(openssl rand -hex 16) queuectl dashboard --host 0.0.0.0
     """
+    import errno
+
     from queuectl import dashboard as board
 
     _queue()  # create or check the database now: a broken one is an error before we listen
-    server = board.make_server(_paths(), host, port, token,
-                               log=lambda message: click.echo(message, err=True))
+    try:
+        server = board.make_server(_paths(), host, port, token,
+                                   log=lambda message: click.echo(message, err=True))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use (another dashboard?); "
+                            "choose another with --port N, or --port 0 for any free one") from None
+        raise
     if token is None:
         click.echo(f"Dashboard: {server.url}#token={server.token}")
         click.echo(f"Token for actions (retry, cancel, pause): {server.token}")
     else:
         click.echo(f"Dashboard: {server.url}  (actions need the token you gave)")
+    remote = server.remote_url()
+    if remote:
+        click.echo(f"From other machines: {remote}  (listening on all addresses, {host})")
     click.echo("Press Ctrl-C to stop.")
     board.run(server)
     click.echo("Dashboard stopped.")

@@ -43,6 +43,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 MAX_BODY = 64 * 1024
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+WILDCARDS = {"", "0.0.0.0", "::"}
 
 STATIC = {  # URL path -> (file in queuectl/static, content type); nothing else is served
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -131,7 +132,7 @@ class DashboardServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: Tuple[str, int], paths: Paths, token: str,
-                 log: Optional[Callable[[str], None]] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None, token_chosen: bool = False) -> None:
         host = address[0]
         if ":" in host.strip("[]"):
             self.address_family = socket.AF_INET6
@@ -141,6 +142,7 @@ class DashboardServer(ThreadingHTTPServer):
         self.host = host.strip("[]")
         self.loopback = is_loopback(self.host)
         self.open_reads = self.loopback  # elsewhere every /api/ request needs the token
+        self.token_chosen = token_chosen  # the operator's own token, not one we printed
         self.log = log or (lambda message: None)
 
     def server_bind(self) -> None:
@@ -155,15 +157,29 @@ class DashboardServer(ThreadingHTTPServer):
         return int(self.server_address[1])
 
     @property
+    def wildcard(self) -> bool:
+        """Bound to every address (0.0.0.0 or ::): not something a browser can open."""
+        return self.host in WILDCARDS
+
+    @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """A URL a browser on this machine can open (a wildcard bind is reached on loopback)."""
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/"
+
+    def remote_url(self) -> Optional[str]:
+        """For a wildcard bind: the URL other machines use (this host's name), else None."""
+        if not self.wildcard:
+            return None
+        return f"http://{socket.gethostname()}:{self.port}/"
 
 
 def make_server(paths: Paths, host: str = "127.0.0.1", port: int = 8420, token: Optional[str] = None,
                 log: Optional[Callable[[str], None]] = None) -> DashboardServer:
     """Check the bind policy, then bind (port 0 = an ephemeral port; see ``server.url``)."""
-    return DashboardServer((host, port), paths, check_token(host, token), log)
+    return DashboardServer((host, port), paths, check_token(host, token), log,
+                           token_chosen=token is not None)
 
 
 def run(server: DashboardServer) -> None:
@@ -239,7 +255,9 @@ class Handler(BaseHTTPRequestHandler):
         if write or not server.open_reads:
             given = self.headers.get(TOKEN_HEADER) or ""
             if not hmac.compare_digest(given.encode(), server.token.encode()):
-                return f"missing or wrong {TOKEN_HEADER} header (the token printed at start-up)"
+                where = ("the token given with --token or QUEUECTL_DASHBOARD_TOKEN" if server.token_chosen
+                         else "the token printed at start-up")
+                return f"missing or wrong {TOKEN_HEADER} header ({where})"
         return None
 
     def _dispatch(self, write: bool) -> None:

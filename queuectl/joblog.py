@@ -121,3 +121,37 @@ def read_attempt(path: Path, attempt: Optional[int] = None) -> bytes:
             end = marks[i + 1][1] if i + 1 < len(marks) else len(data)
             return data[marks[i][1]:end]
     return b""
+
+
+def tail_lines(data: bytes, count: int) -> bytes:
+    """The last ``count`` lines of ``data`` (a last line without a newline counts)."""
+    if count <= 0:
+        return b""
+    pos = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(count):
+        pos = data.rfind(b"\n", 0, pos)
+        if pos < 0:
+            return data
+    return data[pos + 1:]
+
+
+def read_last_lines(path: Path, count: int, block: int = 65536) -> "Tuple[bytes, int]":
+    """The last ``count`` lines of a log and the offset where they start, read from the end:
+    a log can be hundreds of MB and ``logs --tail`` should not read it all."""
+    try:
+        handle = open(path, "rb")
+    except OSError:
+        return b"", 0
+    with handle:
+        end = handle.seek(0, os.SEEK_END)
+        pos, data = end, b""
+        while pos > 0:
+            body = data[:-1] if data.endswith(b"\n") else data
+            if data and body.count(b"\n") >= count:
+                break
+            step = min(block, pos)
+            pos -= step
+            handle.seek(pos)
+            data = handle.read(step) + data
+        text = tail_lines(data, count)
+        return text, end - len(text)

@@ -513,11 +513,20 @@ class Queue:
         value = self.store.flag("paused")
         return float(value) if value is not None else None
 
-    def purge(self, states: Sequence[str], older_than: float = 0.0) -> List[str]:
-        """Delete finished jobs (never waiting or running ones); returns the deleted ids."""
+    def purge_candidates(self, states: Sequence[str], older_than: float = 0.0) -> List[str]:
+        """The ids ``purge`` would delete now, deleting nothing (for ``purge --dry-run``)."""
+        self._check_purge_states(states)
+        return self.store.finished_before(states, self.clock() - older_than)
+
+    @staticmethod
+    def _check_purge_states(states: Sequence[str]) -> None:
         for state in states:
             if state not in TERMINAL:
                 raise InvalidInput(f"purge only removes {', '.join(TERMINAL)} jobs, not {state!r}")
+
+    def purge(self, states: Sequence[str], older_than: float = 0.0) -> List[str]:
+        """Delete finished jobs (never waiting or running ones); returns the deleted ids."""
+        self._check_purge_states(states)
         cutoff = self.clock() - older_than
         with self.store.transaction():
             ids = self.store.finished_before(states, cutoff)

@@ -130,6 +130,34 @@ def test_page_tracks_the_database_live_and_acts_with_the_token(browser, server, 
     assert browser.page_errors() == []  # no script error, no CSP violation
 
 
+def detail_id(browser: Chromium) -> str:
+    return browser.evaluate("document.body.dataset.loaded ? document.getElementById('detail-id').textContent : ''")
+
+
+def test_each_job_has_a_link_of_its_own(browser, server, queue):
+    """#job=ID opens that job's details; the ids in the list are such links; a token in the
+    same fragment is taken and dropped, the job stays in the address bar."""
+    seed_jobs(queue)
+    base = f"http://127.0.0.1:{server.port}"
+    browser.navigate(f"{base}/#job=backup-db")
+    wait_until(lambda: detail_id(browser) == "backup-db", timeout=DEADLINE, interval=0.2,
+               message="#job=backup-db opens its details")
+    href = browser.evaluate("document.querySelector('#jobs-table tbody tr[data-id=\"thumbs-1\"] a')"
+                            ".getAttribute('href')")
+    assert href == "#job=thumbs-1"
+    click(browser, '#jobs-table tbody tr[data-id="thumbs-1"] a')
+    wait_until(lambda: detail_id(browser) == "thumbs-1", timeout=DEADLINE, interval=0.2,
+               message="the link opens thumbs-1")
+    assert browser.evaluate("location.hash") == "#job=thumbs-1"
+    browser.navigate(f"{base}/index.html#token={server.token}&job=backup-db")
+    wait_until(lambda: detail_id(browser) == "backup-db", timeout=DEADLINE, interval=0.2,
+               message="token and job in one fragment")
+    assert browser.evaluate("location.hash") == "#job=backup-db"
+    assert browser.evaluate("document.getElementById('token-status').textContent") == "actions enabled"
+    assert "newest first" in browser.evaluate("document.querySelector('.jobs-panel h2').textContent")
+    assert browser.page_errors() == []
+
+
 def test_without_the_token_the_page_is_read_only(browser, server, queue):
     seed_jobs(queue)
     browser.navigate(f"http://127.0.0.1:{server.port}/")

@@ -16,22 +16,34 @@
   let again = false;            // a refresh was asked for while one was running
   let lastJobs = null, lastNow = 0;
 
-  // -- token: taken from the URL fragment (#token=...), kept for this tab only --------------
+  // -- the URL fragment: #token=... (kept for this tab only, then dropped from the address
+  // bar) and #job=ID (that job's details: every job has a link of its own) -----------------
+  function hashParam(name) {
+    const m = new RegExp("(?:^#|&)" + name + "=([^&]*)").exec(location.hash);
+    if (!m) return null;
+    try { return decodeURIComponent(m[1]); } catch (e) { return null; }
+  }
+
+  function jobHash(id) {
+    return id ? "#job=" + encodeURIComponent(id) : "";
+  }
+
   function takeToken() {
-    const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
-    if (m) {
-      try { sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1])); } catch (e) { /* private mode */ }
-      history.replaceState(null, "", location.pathname + location.search);
+    const given = hashParam("token");
+    if (given !== null) {
+      try { sessionStorage.setItem(TOKEN_KEY, given); } catch (e) { /* private mode */ }
+      history.replaceState(null, "", location.pathname + location.search + jobHash(hashParam("job")));
     }
     try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { return ""; }
   }
   let token = takeToken();
+  selected = hashParam("job") || null;
 
   function showTokenState() {
     $("token-form").hidden = !!token;
     $("token-status").textContent = token ? "actions enabled" : "";
     for (const b of document.querySelectorAll("button.action")) {
-      b.title = token ? "" : "Needs the token printed by `queuectl dashboard`";
+      b.title = token ? "" : "Needs the dashboard's token (printed at start-up, or the one given with --token)";
     }
   }
 
@@ -164,7 +176,8 @@
   }
 
   function jobLink(id) {
-    return el("a", { href: "#", onclick: (ev) => { ev.preventDefault(); select(id); } }, id);
+    return el("a", { href: jobHash(id), className: "job-link",
+                     onclick: (ev) => { ev.preventDefault(); ev.stopPropagation(); select(id); } }, id);
   }
 
   function fill(tableId, rows, columns, emptyText) {
@@ -179,7 +192,7 @@
       [j.id, j.command_text, j.last_error || ""].some((t) => String(t).toLowerCase().includes(needle)));
     const rows = jobs.map((j) => {
       const tr = el("tr", { "data-id": j.id },
-        el("td", { className: "id mono" }, j.id),
+        el("td", { className: "id mono" }, jobLink(j.id)),
         el("td", { className: "when" }, stateBadge(j.state), j.cancel_requested ? " cancelling" : null),
         el("td", { className: "num" }, j.attempts),
         el("td", { className: "num" }, j.priority),
@@ -254,6 +267,7 @@
 
   function select(id) {
     selected = id;
+    if (location.hash !== jobHash(id)) history.replaceState(null, "", location.pathname + location.search + jobHash(id));
     for (const tr of $("jobs-table").tBodies[0].rows) tr.classList.toggle("selected", tr.dataset.id === id);
     refresh();
   }
@@ -272,7 +286,11 @@
       const [status, jobs, dlq, job] = await Promise.all([
         api("/api/status"), api(q), api("/api/jobs?state=dead&limit=200"),
         wanted ? api("/api/jobs/" + encodeURIComponent(wanted)).catch((e) => {
-          if (e.status === 404) { selected = null; return null; }
+          if (e.status === 404) {
+            selected = null;
+            if (hashParam("job") !== null) history.replaceState(null, "", location.pathname + location.search);
+            return null;
+          }
           throw e;
         }) : Promise.resolve(null),
       ]);
@@ -296,6 +314,10 @@
     }
   }
 
+  window.addEventListener("hashchange", () => {
+    const id = hashParam("job");
+    if (id && id !== selected) select(id);
+  });
   document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
   $("filter-state").addEventListener("change", refresh);
   $("filter-limit").addEventListener("change", refresh);
