@@ -142,8 +142,10 @@ def test_each_job_has_a_link_of_its_own(browser, server, queue):
     browser.navigate(f"{base}/#job=backup-db")
     wait_until(lambda: detail_id(browser) == "backup-db", timeout=DEADLINE, interval=0.2,
                message="#job=backup-db opens its details")
-    href = browser.evaluate("document.querySelector('#jobs-table tbody tr[data-id=\"thumbs-1\"] a')"
-                            ".getAttribute('href')")
+    link = "document.querySelector('#jobs-table tbody tr[data-id=\"thumbs-1\"] a')"
+    # The details pane and the job list are fetched separately: wait for the row itself.
+    href = wait_until(lambda: browser.evaluate(f"{link} && {link}.getAttribute('href')"),
+                      timeout=DEADLINE, interval=0.2, message="the job list to show thumbs-1")
     assert href == "#job=thumbs-1"
     click(browser, '#jobs-table tbody tr[data-id="thumbs-1"] a')
     wait_until(lambda: detail_id(browser) == "thumbs-1", timeout=DEADLINE, interval=0.2,
