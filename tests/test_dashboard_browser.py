@@ -131,7 +131,7 @@ def test_page_tracks_the_database_live_and_acts_with_the_token(browser, server, 
 
 
 def detail_id(browser: Chromium) -> str:
-    return browser.evaluate("document.body.dataset.loaded ? document.getElementById('detail-id').textContent : ''")
+    return browser.evaluate("document.body && document.body.dataset.loaded ? document.getElementById('detail-id').textContent : ''")
 
 
 def test_each_job_has_a_link_of_its_own(browser, server, queue):
