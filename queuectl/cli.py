@@ -641,12 +641,9 @@ def _exit_text(code: Optional[int]) -> str:
     if code is None:
         return "-"
     if code < 0:
-        import signal
+        from queuectl.executor import describe_exit  # the workers' own words for it
 
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
+        return str(describe_exit(code, argv=True))
     return str(code)
 
 
