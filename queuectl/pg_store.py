@@ -88,15 +88,16 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _connect(dsn: str, autocommit: bool = True) -> psycopg.Connection:
+def _connect(dsn: str, schema: str) -> psycopg.Connection:
     info = psycopg.conninfo.conninfo_to_dict(dsn)
     extra: Dict[str, Any] = {}
     if "connect_timeout" not in info:
         extra["connect_timeout"] = 10
     if "keepalives_idle" not in info:  # notice a dead server on an idle worker's connection
         extra.update(keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
-    extra.setdefault("application_name", "queuectl")
-    return psycopg.connect(dsn, autocommit=autocommit, **extra)
+    if "application_name" not in info:  # pg_stat_activity shows which queue a session serves
+        extra["application_name"] = f"queuectl:{schema}"
+    return psycopg.connect(dsn, autocommit=True, **extra)
 
 
 class PgStore:
@@ -129,7 +130,7 @@ class PgStore:
                                f"({self.location}); nothing of it was committed")
         self._drop()
         try:
-            conn = _connect(self.dsn)
+            conn = _connect(self.dsn, self.schema)
             conn.execute(f"SET search_path TO {self.schema}")
         except psycopg.Error as exc:
             raise self._unavailable(exc) from None
@@ -528,7 +529,7 @@ class PgListener:
     def _connect(self, raise_errors: bool = False) -> None:
         self._next_try = time.monotonic() + self.RETRY_EVERY
         try:
-            conn = _connect(self.store.dsn)
+            conn = _connect(self.store.dsn, self.store.schema)
             conn.execute(f"LISTEN {self.store.channel}")
         except psycopg.Error as exc:
             if raise_errors:

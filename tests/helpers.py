@@ -128,10 +128,26 @@ def counts(home: Path) -> dict:
         s.close()
 
 
+PG_TABLES = ("jobs", "job_deps", "job_runs", "config", "meta")
+
+
 def dump_db(home: Path) -> str:
-    """A canonical dump of the database, for byte-for-byte 'nothing changed' checks."""
+    """A canonical dump of the database, for byte-for-byte 'nothing changed' checks
+    (on PostgreSQL when QUEUECTL_DB names it: every row of every table, in key order)."""
     import sqlite3
 
+    url = os.environ.get("QUEUECTL_DB", "")
+    if url.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        from queuectl.pg_store import parse_url
+
+        dsn, schema = parse_url(url)
+        with psycopg.connect(dsn) as conn:
+            if not conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()[0]:
+                return ""
+            return "\n".join(f"{table}: {row!r}" for table in PG_TABLES
+                             for row in conn.execute(f"SELECT * FROM {schema}.{table} ORDER BY 1, 2"))
     db = Paths(home).db
     if not db.exists():
         return ""
