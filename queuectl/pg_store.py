@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import time
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -564,11 +565,15 @@ class PgListener:
             return
         try:
             pgconn = conn.pgconn
-            pgconn.consume_input()
-            while pgconn.notifies() is not None:
-                pass
-            if conn.broken or conn.closed or pgconn.status != psycopg.pq.ConnStatus.OK:
-                raise psycopg.OperationalError("listen connection lost")
+            for _ in range(8):  # an error message and the EOF after it may take two reads
+                pgconn.consume_input()
+                while pgconn.notifies() is not None:
+                    pass
+                if pgconn.status != psycopg.pq.ConnStatus.OK:
+                    raise psycopg.OperationalError("listen connection lost")
+                if not select.select([self._fd], [], [], 0)[0]:
+                    return
+            raise psycopg.OperationalError("listen connection stays readable")
         except psycopg.Error:
             self._broken()
             self.revive()
