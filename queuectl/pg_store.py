@@ -409,6 +409,13 @@ class PgStore:
                           (list(states), before))
         return [r[0] for r in rows]
 
+    def span(self, first_seq: int, last_seq: int) -> Dict[str, Any]:
+        rows = self._rows("SELECT count(*) FILTER (WHERE state <> 'completed'), min(started_at), "
+                          "max(finished_at) FROM jobs WHERE seq BETWEEN %s AND %s",
+                          (first_seq, last_seq))
+        left, started, finished = rows[0]
+        return {"left": left, "started_at": started, "finished_at": finished}
+
     # -- config and flags -----------------------------------------------------------------
     def config_items(self) -> Dict[str, str]:
         return dict(self._rows("SELECT key, value FROM config"))
