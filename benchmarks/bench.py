@@ -144,11 +144,10 @@ def new_home(base: Path, name: str) -> Paths:
 def _drop_pg_schemas() -> None:
     if not _pg_schemas:
         return
-    import psycopg  # only with --db postgresql://..., which needs the extra anyway
+    from queuectl.pg_store import drop_schema  # only with --db, which needs the extra anyway
 
-    with psycopg.connect(_pg_base[0], autocommit=True) as conn:
-        for schema in _pg_schemas:
-            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    for schema in _pg_schemas:
+        drop_schema(_pg_base[0], schema)
     _pg_schemas.clear()
 
 
