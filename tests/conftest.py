@@ -19,14 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-
-try:  # imported now: a test may hide it (sys.modules) to check the missing-driver message
-    import psycopg
-except ImportError:  # pragma: no cover - the [pg] tests then skip (or fail under CI)
-    psycopg = None
 from click.testing import CliRunner
 
-from helpers import Workers, kill_everything_of
+from helpers import PG_DSN, Workers, drop_pg_schema, kill_everything_of, pg_url, psycopg
 
 from queuectl.cli import cli as cli_group
 from queuectl.models import Queue
@@ -34,7 +29,6 @@ from queuectl.paths import Paths
 from queuectl.store import open_store
 
 
-PG_DSN = os.environ.get("QUEUECTL_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = [pytest.param("sqlite", id="sqlite"),
             pytest.param("postgres", id="pg", marks=pytest.mark.postgres)]
 SQLITE_ONLY_DIRS = ("reliability",)  # fault injection on SQLite files, signals, disk full
@@ -64,19 +58,6 @@ def _pg_unreachable() -> Optional[str]:
         except Exception as exc:  # noqa: BLE001 - any reason is a reason to skip
             _pg_problem.append(f"PostgreSQL at {PG_DSN} is unreachable: {str(exc).strip()}")
     return _pg_problem[0]
-
-
-def pg_url(schema: str) -> str:
-    return f"{PG_DSN}{'&' if '?' in PG_DSN else '?'}schema={schema}"
-
-
-def drop_pg_schema(schema: str) -> None:
-    """End the connections of queuectl processes on this schema, then drop it."""
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                     "WHERE application_name = %s AND pid <> pg_backend_pid()", (f"queuectl:{schema}",))
-        conn.execute("SET lock_timeout = '20s'")
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def terminate_sessions(store, listener: bool = False) -> None:
     """Kill the server side of a store's connections, as a server restart would."""
     import psycopg
 
-    from conftest import PG_DSN
+    from helpers import PG_DSN
 
     pids = [store._conn.info.backend_pid]
     if listener:
@@ -174,7 +174,7 @@ def test_a_newer_schema_is_refused_untouched(store):
 def test_another_programs_schema_is_refused(store):
     import psycopg
 
-    from conftest import PG_DSN, drop_pg_schema
+    from helpers import PG_DSN, drop_pg_schema
 
     other = f"qtest_other_{os.getpid()}"
     try:
