@@ -29,7 +29,11 @@ count() { # count STATE
 step "1. Initialise (idempotent) in $QUEUECTL_HOME"
 run init-db
 run initdb >/dev/null
-check "database file exists" "$(test -f "$QUEUECTL_HOME/queue.db" && echo yes)" "yes"
+if [[ "${QUEUECTL_DB:-}" == postgres* ]]; then  # the queue lives in PostgreSQL, not in a file
+  check "database is PostgreSQL" "$("${Q[@]}" init-db | grep -c 'database ready: postgres')" "1"
+else
+  check "database file exists" "$(test -f "$QUEUECTL_HOME/queue.db" && echo yes)" "yes"
+fi
 
 step "2. Configure quick retries"
 run config set max_retries 2

@@ -48,8 +48,7 @@ from queuectl import worker_launcher  # noqa: E402
 from queuectl.jobspec import parse_job  # noqa: E402
 from queuectl.models import Queue  # noqa: E402
 from queuectl.paths import Paths  # noqa: E402
-from queuectl.sqlite_store import SqliteStore  # noqa: E402
-from queuectl.store import open_store  # noqa: E402
+from queuectl.store import Store, is_postgres, open_store  # noqa: E402
 from queuectl import wakeup  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -101,6 +100,7 @@ def _cleanup() -> None:
             pass
     _worker_pids.clear()
     _homes.clear()
+    _drop_pg_schemas()
 
 
 def _on_signal(signum: int, _frame: Any) -> None:
@@ -124,10 +124,31 @@ def pct(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+_pg_base: List[str] = []  # --db postgresql://...: each home gets a schema of its own
+_pg_schemas: List[str] = []
+
+
 def new_home(base: Path, name: str) -> Paths:
+    """A fresh home; with --db postgresql://... also a fresh schema, named in QUEUECTL_DB
+    (os.environ, which workers and CLI calls inherit), dropped at the end."""
     paths = Paths(base / name)
     paths.home.mkdir(parents=True)
+    if _pg_base:
+        schema = f"bench_{os.getpid()}_{name.replace('-', '_')}"
+        _pg_schemas.append(schema)
+        base_url = _pg_base[0]
+        os.environ["QUEUECTL_DB"] = f"{base_url}{'&' if '?' in base_url else '?'}schema={schema}"
     return paths
+
+
+def _drop_pg_schemas() -> None:
+    if not _pg_schemas:
+        return
+    from queuectl.pg_store import drop_schema  # only with --db, which needs the extra anyway
+
+    for schema in _pg_schemas:
+        drop_schema(_pg_base[0], schema)
+    _pg_schemas.clear()
 
 
 def start_workers(paths: Paths, count: int = 2) -> List[int]:
@@ -135,7 +156,15 @@ def start_workers(paths: Paths, count: int = 2) -> List[int]:
     pids = worker_launcher.start_detached(paths, count)
     _worker_pids.extend(pids)
     deadline = time.monotonic() + 20
-    while not all(wakeup.fifo_path(paths.workers_dir, pid).exists() for pid in pids):
+    # Ready once listening: its doorbell FIFO exists (SQLite) or it logged "started" (it does
+    # so after LISTEN; PostgreSQL workers have no FIFO).
+    def ready(pid: int) -> bool:
+        if not _pg_base:
+            return wakeup.fifo_path(paths.workers_dir, pid).exists()
+        log = paths.logs_dir / f"worker-{pid}.log"
+        return log.exists() and f"started (pid {pid}" in log.read_text(errors="replace")
+
+    while not all(ready(pid) for pid in pids):
         if time.monotonic() > deadline:
             raise RuntimeError("workers did not start; see " + str(paths.logs_dir))
         time.sleep(0.02)
@@ -184,12 +213,12 @@ def _specs(n: int, command: str = "true") -> List[Dict[str, Any]]:
     return [parse_job({"command": command}, now=now, default_cwd=cwd) for _ in range(n)]
 
 
-def best_drain(paths: Paths, store: SqliteStore, n: int, repeat: int) -> Dict[str, float]:
+def best_drain(paths: Paths, store: Store, n: int, repeat: int) -> Dict[str, float]:
     """The best of ``repeat`` drains: background bursts on a shared machine only slow runs down."""
     return max((drain(paths, store, n) for _ in range(repeat)), key=lambda r: r["rate"])
 
 
-def drain(paths: Paths, store: SqliteStore, n: int) -> Dict[str, float]:
+def drain(paths: Paths, store: Store, n: int) -> Dict[str, float]:
     """Enqueue n jobs in one transaction into running idle workers; wait until all completed."""
     marks: Dict[str, float] = {}
     results = Queue(store).enqueue(_specs(n))
@@ -197,24 +226,21 @@ def drain(paths: Paths, store: SqliteStore, n: int) -> Dict[str, float]:
     first, last = int(results[0].id), int(results[-1].id)
     deadline = time.monotonic() + max(120, n / 50)
     # Cheap completion probe (read-only, by primary key): the tail of the batch, then the rest.
-    read = store.db.read
     while True:
-        left = read("SELECT count(*) FROM jobs WHERE seq BETWEEN ? AND ? AND state != 'completed'",
-                    (max(first, last - 3), last))[0][0]
+        left = store.span(max(first, last - 3), last)["left"]
         if left == 0:
-            left = read("SELECT count(*) FROM jobs WHERE seq BETWEEN ? AND ? AND state != 'completed'",
-                        (first, last))[0][0]
+            left = store.span(first, last)["left"]
             if left == 0:
                 break
         if time.monotonic() > deadline:
             raise RuntimeError(f"drain of {n} jobs did not finish ({left} left)")
         time.sleep(0.05)
-    lo, hi = read("SELECT min(started_at), max(finished_at) FROM jobs WHERE seq BETWEEN ? AND ?",
-                  (first, last))[0]
+    span = store.span(first, last)
+    lo, hi = span["started_at"], span["finished_at"]
     return {"rate": n / (hi - lo), "e2e_rate": n / (hi - marks["commit"]), "seconds": hi - lo}
 
 
-def add_completed(store: SqliteStore, total: int) -> int:
+def add_completed(store: Store, total: int) -> int:
     """Top the table up to ``total`` completed jobs (with a run record each), fast, via the store."""
     have = store.counts().get("completed", 0)
     need = max(0, total - have)
@@ -222,10 +248,11 @@ def add_completed(store: SqliteStore, total: int) -> int:
     cwd = os.getcwd()
     with store.transaction():
         ids = store.insert_jobs([(None, "true", 0, 0, None, None, cwd, now, now, None, 0)] * need)
-        if ids:
-            store.conn.execute("UPDATE jobs SET state = 'completed', attempts = 1, finished_at = ? "
-                               "WHERE seq >= ?", (now, int(ids[0])))
+        # Store-level, one row at a time (any backend); uncommitted, so idle workers never
+        # see these rows pending.
+        done = {"state": "completed", "attempts": 1, "finished_at": now}
         for job_id in ids:
+            store.update_job(job_id, done)
             store.add_run(job_id, 1, "bench:0:0", now, now, 0, None)
     return need
 
@@ -238,7 +265,7 @@ def warm_directory(directory: Path, count: int) -> None:
         os.close(os.open(directory / f"warm-{i}", os.O_WRONLY | os.O_CREAT, 0o644))
 
 
-def bench_w2(paths: Paths, store: SqliteStore, samples: int, pause: float) -> Dict[str, Any]:
+def bench_w2(paths: Paths, store: Store, samples: int, pause: float) -> Dict[str, Any]:
     lat = []
     for _ in range(samples):
         marks: Dict[str, float] = {}
@@ -282,7 +309,7 @@ def bench_w3(base: Path, bulk: int, calls: int, repeat: int = 1) -> Dict[str, An
     bulk_runs = []
     for i in range(repeat):  # each into a fresh home; background bursts only ever slow a run down
         home = new_home(base, f"w3-bulk-{i}")
-        bulk_env = dict(env, QUEUECTL_HOME=str(home.home))
+        bulk_env = dict(os.environ, QUEUECTL_HOME=str(home.home))
         subprocess.run([*qctl, "init-db"], env=bulk_env, stdout=subprocess.DEVNULL, check=True)
         bulk_runs.append(timed_run([*qctl, "enqueue", "--file", str(jobs_file)], bulk_env))
     bulk_s = min(bulk_runs)
@@ -420,6 +447,7 @@ def table(res: Dict[str, Any]) -> str:
 def environment() -> Dict[str, Any]:
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
             "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
+            "db": "postgresql" if _pg_base else "sqlite",
             "machine": platform.machine(), "load_avg_1m": os.getloadavg()[0]}
 
 
@@ -428,7 +456,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a < 60 s smoke run (CI)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temporary homes for inspection")
+    parser.add_argument("--db", metavar="URL", help="run on PostgreSQL: postgresql://USER@HOST/DB "
+                        "(a schema per scenario, dropped afterwards); default: SQLite in each home")
     args = parser.parse_args(argv)
+    if args.db:
+        if not is_postgres(args.db):
+            parser.error("--db takes a postgresql:// URL (SQLite is the default)")
+        _pg_base.append(args.db)
+    else:
+        os.environ.pop("QUEUECTL_DB", None)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     started = time.monotonic()
@@ -444,7 +480,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         env = res["env"]
         print(f"queuectl bench  {env['date']}  {env['cpus']} CPUs  Python {env['python']}  "
-              f"SQLite {env['sqlite']}  load {env['load_avg_1m']:.2f}  {'--quick' if args.quick else ''}")
+              f"{'PostgreSQL' if _pg_base else 'SQLite ' + env['sqlite']}  load {env['load_avg_1m']:.2f}  {'--quick' if args.quick else ''}")
         print(table(res))
         print(f"({res['bench_seconds']:.0f} s)")
     return 0

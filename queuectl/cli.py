@@ -216,13 +216,24 @@ def _job_rows(jobs: List[Dict[str, Any]], with_error: bool = False, wide: bool =
 
 
 # -- the group ---------------------------------------------------------------------------------
+def _set_db(_ctx: click.Context, _param: click.Parameter, value: Optional[str]) -> None:
+    """--db sets QUEUECTL_DB itself, so the workers this command spawns use the same queue."""
+    if value:
+        os.environ["QUEUECTL_DB"] = value
+
+
 @click.group(cls=QueueGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="queuectl")
+@click.option("--db", metavar="URL", callback=_set_db, expose_value=False, is_eager=True,
+              help="Queue database: postgresql://USER@HOST/DB[?schema=NAME] (needs the "
+                   "'postgres' extra) or an SQLite path. Default: $QUEUECTL_DB, else "
+                   "queue.db in the home.")
 def cli() -> None:
     """queuectl: a persistent background job queue for shell commands.
 
     \b
-    Data lives in ~/.queuectl (or $QUEUECTL_HOME): queue.db, workers/, logs/.
+    Data lives in ~/.queuectl (or $QUEUECTL_HOME): queue.db, workers/, logs/;
+    the queue itself can live in PostgreSQL instead (--db or $QUEUECTL_DB).
     \b
     Quick tour:
       queuectl add "echo hello"                  # or: queuectl enqueue '{"command":"echo hello"}'

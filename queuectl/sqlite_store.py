@@ -264,6 +264,13 @@ class SqliteStore:
                             f"AND coalesce(finished_at, updated_at) < ? ORDER BY seq", (*states, before))
         return [r[0] for r in rows]
 
+    def span(self, first_seq: int, last_seq: int) -> "dict[str, Any]":
+        rows = self.db.read("SELECT count(*) - count(CASE WHEN state = 'completed' THEN 1 END), "
+                            "min(started_at), max(finished_at) FROM jobs WHERE seq BETWEEN ? AND ?",
+                            (first_seq, last_seq))
+        left, started, finished = rows[0]
+        return {"left": left, "started_at": started, "finished_at": finished}
+
     # -- config and flags -----------------------------------------------------------------
     def config_items(self) -> "dict[str, str]":
         return dict(self.db.read("SELECT key, value FROM config"))

@@ -132,6 +132,11 @@ class Store(Protocol):
 
     def finished_before(self, states: Sequence[str], before: float) -> List[str]: ...
 
+    def span(self, first_seq: int, last_seq: int) -> Dict[str, Any]:
+        """Progress of the jobs with seq in [first_seq, last_seq] (a bulk enqueue's ids are
+        its seqs): ``left`` not completed, earliest ``started_at``, latest ``finished_at``.
+        By primary key, cheap enough to poll (benchmarks, progress probes)."""
+
     # -- config and flags ------------------------------------------------------------------
     def config_items(self) -> Dict[str, str]: ...
 

@@ -10,6 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
+try:  # imported now: a test may hide it (sys.modules) to check the missing-driver message
+    import psycopg
+except ImportError:  # pragma: no cover - the [pg] tests then skip (or fail under CI)
+    psycopg = None
+
 from queuectl.models import Queue
 from queuectl.paths import Paths
 from queuectl.store import open_store
@@ -128,10 +133,38 @@ def counts(home: Path) -> dict:
         s.close()
 
 
+PG_TABLES = ("jobs", "job_deps", "job_runs", "config", "meta")
+PG_DSN = os.environ.get("QUEUECTL_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pg_url(schema: str) -> str:
+    return f"{PG_DSN}{'&' if '?' in PG_DSN else '?'}schema={schema}"
+
+
+def drop_pg_schema(schema: str) -> None:
+    """End the connections of queuectl processes on this schema, then drop it."""
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE application_name = %s AND pid <> pg_backend_pid()", (f"queuectl:{schema}",))
+        conn.execute("SET lock_timeout = '20s'")
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
 def dump_db(home: Path) -> str:
-    """A canonical dump of the database, for byte-for-byte 'nothing changed' checks."""
+    """A canonical dump of the database, for byte-for-byte 'nothing changed' checks
+    (on PostgreSQL when QUEUECTL_DB names it: every row of every table, in key order)."""
     import sqlite3
 
+    url = os.environ.get("QUEUECTL_DB", "")
+    if url.startswith(("postgresql://", "postgres://")):
+        from queuectl.pg_store import parse_url
+
+        dsn, schema = parse_url(url)
+        with psycopg.connect(dsn) as conn:
+            if not conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()[0]:
+                return ""
+            return "\n".join(f"{table}: {row!r}" for table in PG_TABLES
+                             for row in conn.execute(f"SELECT * FROM {schema}.{table} ORDER BY 1, 2"))
     db = Paths(home).db
     if not db.exists():
         return ""

@@ -31,6 +31,12 @@ def add(queue: Queue, n: int = 1, **fields: Any) -> List[str]:
     return [r.id for r in queue.enqueue(specs)]
 
 
+def poke(queue: Queue, job_id: str, **fields: Any) -> None:
+    """Put a job into a state the test needs, through the store (works on every backend)."""
+    with queue.store.transaction():
+        assert queue.store.update_job(job_id, fields) == 1
+
+
 def row(queue: Queue, job_id: str) -> Dict[str, Any]:
     return queue.get(job_id)
 
@@ -59,7 +65,7 @@ def test_settle_records_several_runs_and_claims_several_in_claim_order(queue):
 
 def test_settle_releases_unstarted_jobs_without_a_trace(queue):
     ids = add(queue, 3)
-    queue.store.conn.execute("UPDATE jobs SET attempts = 1, state = 'failed' WHERE id = ?", (ids[1],))
+    poke(queue, ids[1], attempts=1, state="failed")
     _, claimed = queue.settle([], W, claim=3)
     assert [j["attempts"] for j in claimed] == [1, 2, 1]
     states, _ = queue.settle([], W, release=claimed)
@@ -96,7 +102,7 @@ def test_one_settle_releases_a_job_waiting_on_two_of_its_results(queue):
 def test_a_result_for_a_job_taken_from_us_is_dropped(queue):
     job_id = add(queue)[0]
     job = queue.claim(W)
-    queue.store.conn.execute("UPDATE jobs SET worker_id = 'other:2:2' WHERE id = ?", (job_id,))
+    poke(queue, job_id, worker_id="other:2:2")
     assert queue.settle([(job, Outcome(0, None))], W, release=[job]) == (["lost", "lost"], [])
     assert row(queue, job_id)["state"] == "processing"
 
@@ -191,7 +197,7 @@ def test_an_unstarted_claim_of_a_frozen_worker_counts_as_an_interrupted_attempt(
     wakes: the claim cannot go back as if never made, or that run would repeat the attempt."""
     job_id = add(queue)[0]
     queue.claim(W)
-    queue.store.conn.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (job_id,))
+    poke(queue, job_id, lease_until=0)
     never_started = lambda job_id, attempt, worker_id: (False, False, None)  # noqa: E731
     assert queue.recover(lambda worker_id: True, run_result=never_started) == {job_id: "failed"}
     job = row(queue, job_id)

@@ -20,6 +20,10 @@ from chromium_cdp import Chromium, find_chromium, processes_using
 from dashboard_support import add, running_dashboard, seed_jobs
 from helpers import wait_until
 
+# A real browser per test is the costly part; the dashboard's store calls run on both
+# backends in test_dashboard.py.
+pytestmark = pytest.mark.sqlite_only
+
 REQUIRE_BROWSER = os.environ.get("QUEUECTL_REQUIRE_BROWSER", "") not in ("", "0")
 STATES = ("pending", "processing", "completed", "failed", "dead", "cancelled")
 DEADLINE = 60  # seconds; generous: two cores shared with other test runs
@@ -229,7 +233,7 @@ def test_missing_browser_skips_or_fails_as_ci_demands(tmp_path, require, outcome
     """Without a browser the tests skip with a reason; QUEUECTL_REQUIRE_BROWSER=1 fails them."""
     env = dict(os.environ, QUEUECTL_CHROMIUM=str(tmp_path / "no-such-chromium"),
                QUEUECTL_REQUIRE_BROWSER=require, QUEUECTL_HOME=str(tmp_path / "qhome"))
-    node = f"{__file__}::test_without_the_token_the_page_is_read_only"
+    node = f"{__file__}::test_without_the_token_the_page_is_read_only[sqlite]"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", node],
                             capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert outcome in result.stdout and result.returncode == code, result.stdout + result.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from queuectl import database
 from queuectl.executor import Outcome
 from queuectl.jobspec import parse_job
@@ -27,6 +29,7 @@ def ground_truth_counts(db: Path) -> dict:
     return {state: dict(rows).get(state, 0) for state in STATES}
 
 
+@pytest.mark.sqlite_only  # the ground truth is a NOT INDEXED scan of the file
 def test_counts_match_a_full_scan_in_every_state(paths, store):
     q = Queue(store)
     for n in range(9):

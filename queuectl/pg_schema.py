@@ -1,0 +1,71 @@
+"""The PostgreSQL schema, versioned like SQLite's (queuectl/database.py), in a schema of its own.
+
+PostgreSQL numbering is its own: version 1 is SQLite's version 2 layout (the backend did
+not exist before it). Each entry migrates version i to i+1; never edit a released entry,
+append a new one. The version lives in ``meta`` under ``schema_version``.
+"""
+from __future__ import annotations
+
+from typing import List
+
+VERSION_KEY = "schema_version"
+
+MIGRATIONS: List[str] = [
+    """
+    CREATE SEQUENCE jobs_seq;  -- insertion order; generated ids are str(seq)
+    CREATE TABLE jobs (
+        seq              bigint  PRIMARY KEY DEFAULT nextval('jobs_seq'),
+        id               text    NOT NULL UNIQUE,
+        command          text    NOT NULL,              -- shell string, or JSON array when argv = 1
+        argv             integer NOT NULL DEFAULT 0,
+        state            text    NOT NULL,
+        priority         bigint  NOT NULL DEFAULT 0,
+        attempts         bigint  NOT NULL DEFAULT 0,
+        max_retries      bigint,                        -- NULL: the config value
+        timeout          double precision,              -- NULL: the config value
+        cwd              text,
+        run_at           double precision NOT NULL,     -- epoch seconds, like SQLite's REAL
+        created_at       double precision NOT NULL,
+        updated_at       double precision NOT NULL,
+        started_at       double precision,
+        finished_at      double precision,
+        worker_id        text,
+        lease_until      double precision,
+        job_pid          bigint,
+        job_pid_start    bigint,
+        exit_code        bigint,
+        last_error       text,
+        output_tail      text,
+        unique_key       text,
+        deps_left        bigint  NOT NULL DEFAULT 0,
+        cancel_requested integer NOT NULL DEFAULT 0
+    );
+    ALTER SEQUENCE jobs_seq OWNED BY jobs.seq;
+    -- The claim path: runnable jobs in claim order; finished rows are not in it at all.
+    CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
+        WHERE state IN ('pending', 'failed') AND deps_left = 0;
+    CREATE INDEX jobs_state ON jobs (state, seq) WHERE state <> 'completed';
+    CREATE UNIQUE INDEX jobs_unique_key ON jobs (unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('pending', 'failed', 'processing');
+    CREATE TABLE job_deps (
+        dep_id text NOT NULL,
+        job_id text NOT NULL,
+        PRIMARY KEY (dep_id, job_id)
+    );
+    CREATE INDEX job_deps_job ON job_deps (job_id);
+    CREATE TABLE job_runs (
+        n           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- SQLite's rowid: run order
+        job_id      text NOT NULL,
+        attempt     bigint NOT NULL,
+        worker_id   text,
+        started_at  double precision,
+        finished_at double precision,
+        exit_code   bigint,
+        error       text
+    );
+    CREATE INDEX job_runs_job ON job_runs (job_id);
+    CREATE TABLE config (key text PRIMARY KEY, value text NOT NULL);
+    CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
