@@ -1,0 +1,245 @@
+"""The model/storage side of the "Polish" issue: what a job sees (captured environment),
+permissions, orphans, worker scale, monotonic attempts, reviving cascades, --if-exists
+replace, config durations, streaming bulk enqueue, reclaiming space after purge."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import dump_db, run_queuectl, wait_until
+
+from queuectl.executor import Outcome
+from queuectl.paths import Paths
+
+W = "host:1:1"
+
+
+def job(cli, job_id: str) -> dict:
+    return json.loads(cli("show", job_id, "--json").stdout)
+
+
+def run_dead(queue, job_id: str) -> None:
+    """Fail every run of ``job_id`` until it is dead (no worker needed)."""
+    queue.config_set("backoff_base", "0")
+    while queue.get(job_id)["state"] != "dead":
+        claimed = queue.claim(W)
+        assert claimed is not None and claimed["id"] == job_id
+        queue.finish(claimed, Outcome(1, "exit code 1"), W)
+
+
+def log_of(home: Path, job_id: str) -> str:
+    return Paths(home).job_log(job_id).read_text()
+
+
+# -- 1. what a job sees ------------------------------------------------------------------------
+def test_a_job_runs_with_the_environment_of_its_enqueuer(home, workers, tmp_path):
+    env = dict(os.environ, QUEUECTL_HOME=str(home), TARGET="/mnt/nas", QUEUECTL_DB="")
+    env.pop("QUEUECTL_DB")
+    add = [sys.executable, "-m", "queuectl.cli", "add"]
+    subprocess.run([*add, "--id", "t", 'echo "T=$TARGET"'], env=env, check=True, capture_output=True)
+    subprocess.run([*add, "--id", "x", "--env", "TARGET=over", "--env", "B=2", 'echo "T=$TARGET B=$B"'],
+                   env=env, check=True, capture_output=True)
+    subprocess.run([*add, "--id", "ids", "--cwd", str(tmp_path), "--",
+                    "sh", "-c", 'echo "$QUEUECTL_JOB_ID $QUEUECTL_ATTEMPT $QUEUECTL_HOME $(pwd)"; '
+                    "cat; echo stdin=$?"], env=env, check=True, capture_output=True)
+    workers.start(1)  # the worker's own environment has no TARGET
+    assert run_queuectl("wait", "t", "x", "ids", home=home).returncode == 0
+    assert "T=/mnt/nas\n" in log_of(home, "t")
+    assert "T=over B=2\n" in log_of(home, "x")
+    assert f"ids 1 {home} {tmp_path}\nstdin=0\n" in log_of(home, "ids")
+
+
+def test_each_distinct_environment_is_stored_once(cli, home, monkeypatch):
+    monkeypatch.setenv("TARGET", "a")
+    cli("enqueue", "--file", "-", input="".join('{"command": "true"}\n' for _ in range(500)))
+    cli("add", "true")
+    cli("add", "--env", "K=1", "true")
+    cli("add", "--env", "K=1", "true")
+    monkeypatch.setenv("QUEUECTL_JOB_ID", "from-the-enqueuer")  # never captured
+    cli("add", "true")
+    conn = sqlite3.connect(Paths(home).db)
+    try:
+        assert conn.execute("SELECT count(*) FROM envs").fetchone()[0] == 2
+        assert conn.execute("SELECT count(DISTINCT env_id) FROM jobs").fetchone()[0] == 2
+        stored = [json.loads(v) for (v,) in conn.execute("SELECT vars FROM envs")]
+    finally:
+        conn.close()
+    assert all(e["TARGET"] == "a" and "QUEUECTL_JOB_ID" not in e and "QUEUECTL_HOME" not in e
+               for e in stored)
+
+
+def test_capture_env_false_runs_jobs_with_the_workers_environment(cli, home, workers, monkeypatch):
+    cli("config", "set", "capture_env", "false")
+    monkeypatch.setenv("TARGET", "enqueuer")
+    cli("add", "--id", "plain", 'echo "T=$TARGET"')
+    cli("add", "--id", "explicit", "--env", "B=2", 'echo "T=$TARGET B=$B P=${PATH:+set}"')
+    monkeypatch.delenv("TARGET")
+    workers.start(1)
+    assert run_queuectl("wait", "plain", "explicit", home=home).returncode == 0
+    assert "T=\n" in log_of(home, "plain")
+    assert "T= B=2 P=set\n" in log_of(home, "explicit")  # over the worker's env: PATH stays
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--env", "NOEQUALS"], "NAME=VALUE"),
+    (["--env", "=v"], "invalid environment variable name"),
+    (["--env", "QUEUECTL_JOB_ID=7"], "set by the worker"),
+])
+def test_bad_env_is_one_line_and_changes_nothing(cli, home, args, message):
+    cli("init-db")
+    before = dump_db(home)
+    result = cli("add", *args, "true", ok=False)
+    assert result.exit_code == 1 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert dump_db(home) == before
+
+
+@pytest.mark.parametrize("env", ['{"A": 1}', '{"A=B": "x"}', '["A"]', '{"A": "x\\u0000y"}'])
+def test_bad_json_env_is_refused(cli, home, env):
+    cli("init-db")
+    before = dump_db(home)
+    result = cli("enqueue", f'{{"command": "true", "env": {env}}}', ok=False)
+    assert result.exit_code == 1 and "env" in result.stderr.lower()
+    assert dump_db(home) == before
+
+
+def test_json_env_is_merged_over_the_captured_one(cli, queue, monkeypatch):
+    monkeypatch.setenv("KEEP", "k")
+    cli("enqueue", '{"id": "j", "command": "true", "env": {"A": "1"}}')
+    stored, inherit = queue.environment(queue.get("j")["env_id"])
+    assert stored["A"] == "1" and stored["KEEP"] == "k" and not inherit
+
+
+# -- 5. attempt numbers never restart -----------------------------------------------------------
+def test_attempts_go_on_after_dlq_retry_and_the_budget_resets(cli, queue):
+    cli("add", "--id", "d", "--max-retries", "1", "false")
+    run_dead(queue, "d")
+    assert queue.get("d")["attempts"] == 2
+    cli("dlq", "retry", "d")
+    claimed = queue.claim(W)
+    assert claimed["attempts"] == 3  # the next number, not 1
+    assert queue.finish(claimed, Outcome(1, "exit code 1"), W)[0] == "failed"  # budget is fresh
+    claimed = queue.claim(W)
+    assert claimed["attempts"] == 4
+    assert queue.finish(claimed, Outcome(1, "exit code 1"), W)[0] == "dead"
+    assert [r["attempt"] for r in job(cli, "d")["runs"]] == [1, 2, 3, 4]
+
+
+def test_logs_attempt_names_one_run_after_dlq_retry(cli, home, workers, queue):
+    cli("config", "set", "backoff_base", "0")
+    cli("add", "--id", "d", "--max-retries", "0", 'echo "run $QUEUECTL_ATTEMPT"; exit 1')
+    workers.start(1)
+    assert run_queuectl("wait", "d", home=home).returncode == 1
+    cli("dlq", "retry", "d")
+    wait_until(lambda: queue.get("d")["state"] == "dead", message="d dead again")
+    text = log_of(home, "d")
+    assert text.count("attempt 1 started") == 1 and text.count("attempt 2 started") == 1
+    assert "run 2" in cli("logs", "d", "--attempt", "2").stdout
+    assert "run 1" not in cli("logs", "d", "--attempt", "2").stdout
+
+
+# -- 6. dlq retry revives the cascade -----------------------------------------------------------
+def test_dlq_retry_revives_the_jobs_cancelled_because_it_died(cli, queue):
+    cli("add", "--id", "a", "--max-retries", "0", "false")
+    cli("add", "--id", "b", "--after", "a", "true")
+    cli("add", "--id", "c", "--after", "b", "true")
+    cli("add", "--id", "other", "true")
+    cli("add", "--id", "d", "--after", "c,other", "true")
+    cli("cancel", "other")  # d is cancelled now, because of 'other': a's retry cannot revive it
+    run_dead(queue, "a")
+    assert [queue.get(j)["state"] for j in "bcd"] == ["cancelled"] * 3
+    assert queue.get("b")["last_error"] == "dependency 'a' is dead"
+    result = cli("dlq", "retry", "a")
+    assert "2 dependent job(s)" in result.stdout
+    assert queue.get("b")["state"] == "pending" and queue.get("b")["deps_left"] == 1
+    assert queue.get("c")["state"] == "pending" and queue.get("c")["deps_left"] == 1
+    assert queue.get("d")["state"] == "cancelled"  # still waits for the cancelled 'other'
+
+
+def test_a_pipeline_failed_half_way_resumes_with_one_command(cli, queue):
+    cli("add", "--id", "s1", "true")
+    cli("add", "--id", "s2", "--after", "s1", "--max-retries", "0", "false")
+    cli("add", "--id", "s3", "--after", "s1,s2", "true")
+    claimed = queue.claim(W)
+    queue.finish(claimed, Outcome(0, None), W)  # s1 completed
+    run_dead(queue, "s2")
+    assert queue.get("s3")["state"] == "cancelled"
+    cli("dlq", "retry", "s2")
+    s3 = queue.get("s3")
+    assert s3["state"] == "pending" and s3["deps_left"] == 1 and s3["last_error"] is None
+    queue.finish(queue.claim(W), Outcome(0, None), W)  # s2 completes now
+    assert queue.get("s3")["deps_left"] == 0
+    assert queue.claim(W)["id"] == "s3"
+
+
+# -- 7. reusing a fixed id ---------------------------------------------------------------------
+def test_if_exists_skip_with_an_active_id(cli):
+    cli("add", "--id", "nightly", "sleep 1")
+    result = cli("add", "--id", "nightly", "--if-exists", "skip", "true")
+    assert "Existing job nightly" in result.stdout
+    assert job(cli, "nightly")["command"] == "sleep 1"
+    assert cli("enqueue", "--if-exists", "skip", '{"id": "nightly", "command": "x"}').exit_code == 0
+
+
+def test_if_exists_replace_requeues_a_finished_job_keeping_history(cli, queue):
+    cli("add", "--id", "nightly", "./backup.sh")
+    queue.finish(queue.claim(W), Outcome(0, None), W)
+    result = cli("add", "--id", "nightly", "--if-exists", "replace", "--priority", "5", "./backup2.sh")
+    assert "Requeued job nightly" in result.stdout
+    info = job(cli, "nightly")
+    assert (info["state"], info["command"], info["priority"], info["attempts"]) == \
+        ("pending", "./backup2.sh", 5, 1)
+    assert [r["attempt"] for r in info["runs"]] == [1]  # the completed run is kept
+    claimed = queue.claim(W)
+    assert claimed["attempts"] == 2 and claimed["command"] == "./backup2.sh"
+    conflict = cli("add", "--id", "nightly", "--if-exists", "replace", "true", ok=False)
+    assert conflict.exit_code == 1 and "processing" in conflict.stderr
+    assert "Traceback" not in conflict.stderr
+
+
+def test_if_exists_replace_of_an_active_job_is_a_conflict_and_changes_nothing(cli, home):
+    cli("add", "--id", "x", "true")
+    before = dump_db(home)
+    result = cli("enqueue", "--if-exists", "replace", '{"id": "x", "command": "false"}', ok=False)
+    assert result.exit_code == 1 and "pending" in result.stderr
+    assert dump_db(home) == before
+    assert cli("add", "--id", "new", "--if-exists", "replace", "true").stdout == "Enqueued job new\n"
+
+
+# -- 8. config accepts what add accepts ---------------------------------------------------------
+def test_config_takes_durations_and_refuses_zero_timeouts(cli, home):
+    assert cli("config", "set", "job_timeout", "5m").stdout == "job_timeout = 300.0\n"
+    assert cli("config", "set", "lease_seconds", "1m").stdout == "lease_seconds = 60.0\n"
+    before = dump_db(home)
+    for key, value in (("job_timeout", "0"), ("backoff_base", "0.5")):
+        result = cli("config", "set", key, value, ok=False)
+        assert result.exit_code == 1 and key in result.stderr
+    assert dump_db(home) == before
+    assert cli("add", "--timeout", "0", "true", ok=False).exit_code == 1
+    result = cli("worker", "start", "--backoff-base", "0.5", ok=False)
+    assert result.exit_code == 1 and "backoff" in result.stderr
+
+
+def test_config_list_marks_only_unstored_keys_as_default(cli):
+    cli("config", "set", "max_retries", "3")  # equal to the default, but stored
+    lines = cli("config", "list").stdout.splitlines()
+    assert "max_retries = 3" in lines
+    assert "backoff_base = 2.0  (default)" in lines
+    assert "capture_env = true  (default)" in lines
+
+
+def test_config_set_applies_to_a_running_worker_at_once(cli, home, workers, queue):
+    workers.start(1)
+    cli("add", "--id", "warm", "true")  # the worker has read its settings
+    wait_until(lambda: queue.get("warm")["state"] == "completed", message="warm-up job")
+    cli("config", "set", "max_retries", "0")
+    cli("add", "--id", "f", "exit 1")
+    wait_until(lambda: queue.get("f")["state"] in ("dead", "failed"), message="f ran")
+    assert queue.get("f")["state"] == "dead" and queue.get("f")["attempts"] == 1
