@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from queuectl.errors import StorageError
+from queuectl.paths import private_dir, private_file
 
 # Each entry migrates schema version i to i+1; never edit a released entry, append a new one.
 MIGRATIONS: "list[str]" = [
@@ -126,7 +127,10 @@ class Database:
     def __init__(self, path: "str | os.PathLike[str]", durable: bool = True) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
+            if not self.path.exists():
+                # SQLite gives the -wal and -shm files the mode of the database file.
+                os.close(private_file(self.path))
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise StorageError(f"cannot create directory {self.path.parent}: {reason}") from None

@@ -32,7 +32,7 @@ def result_line(job_id: str, attempt: int, error: Optional[str]) -> bytes:
 def open_for_attempt(path: "str | Path", head: bytes) -> "Tuple[int, int]":
     """Open the log for reading and appending, write the attempt header; return (fd, offset
     of the output). The caller keeps the fd for the tail and the result line."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)  # output may hold secrets
     os.write(fd, head)
     return fd, os.lseek(fd, 0, os.SEEK_END)
 

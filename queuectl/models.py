@@ -710,4 +710,6 @@ class Queue:
         with self.store.transaction():
             ids = self.store.finished_before(states, cutoff)
             self.store.delete_jobs(ids)
+        if ids:
+            self.store.reclaim()  # give the freed space back when it is most of the file
         return ids

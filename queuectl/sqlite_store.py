@@ -13,6 +13,7 @@ from typing import Any, ContextManager, Iterable, Sequence
 from queuectl import wakeup
 from queuectl.database import Database
 from queuectl.errors import DuplicateKey
+from queuectl.paths import private_dir
 from queuectl.store import CLAIM_COLUMNS, NEW_JOB_COLUMNS
 
 # Parameters: the sequence number, then a NEW_JOB_COLUMNS tuple. A missing id is the sequence
@@ -71,7 +72,7 @@ class SqliteStore:
         wakeup.ring(self.workers_dir)
 
     def listen(self) -> wakeup.Doorbell:
-        self.workers_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.workers_dir)
         return wakeup.Doorbell(self.workers_dir)
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from queuectl import config as cfg
 from queuectl import executor, worker_launcher
 from queuectl.errors import QueueError
 from queuectl.models import WORKER_VARS, Queue
-from queuectl.paths import Paths
+from queuectl.paths import Paths, private_dir
 from queuectl.store import open_store
 
 RECOVER_EVERY = 2.0  # seconds between checks for jobs whose worker died
@@ -98,7 +98,7 @@ class Worker:
         self._install_signals()
         paths = self.paths
         for directory in (paths.workers_dir, paths.job_logs_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            private_dir(directory)
         record = worker_launcher.write_pid_file(paths, self.pid, "foreground" if self.foreground else "detached")
         self.worker_id = record["worker_id"]
         os.environ["QUEUECTL_HOME"] = str(paths.home)  # every job sees it (set once, not per job)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from queuectl import executor, joblog
-from queuectl.paths import Paths
+from queuectl.paths import Paths, private_dir, private_file
 
 WORKER_MODULE = "queuectl.worker"
 
@@ -39,10 +39,12 @@ def write_pid_file(paths: Paths, pid: int, mode: str) -> Dict[str, Any]:
     start = executor.process_start_time(pid)
     record = {"pid": pid, "start": start, "started_at": time.time(),
               "worker_id": worker_id_for(pid, start), "mode": mode}
-    paths.workers_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.workers_dir)
     target = pid_file(paths, pid)
     tmp = paths.workers_dir / f".{pid}.json.tmp"
-    tmp.write_text(json.dumps(record))
+    fd = private_file(tmp, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(record))
     os.replace(tmp, target)
     return record
 
@@ -201,12 +203,12 @@ def _child_env(paths: Paths) -> Dict[str, str]:
 
 def start_detached(paths: Paths, count: int, options: Sequence[str] = ()) -> List[int]:
     """Start ``count`` workers in their own sessions and return their PIDs at once."""
-    paths.logs_dir.mkdir(parents=True, exist_ok=True)
-    paths.workers_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.logs_dir)
+    private_dir(paths.workers_dir)
     pids = []
     for _ in range(count):
         launch_log = paths.logs_dir / f".worker-starting-{os.getpid()}-{time.monotonic_ns()}.log"
-        with open(launch_log, "ab") as log:
+        with os.fdopen(private_file(launch_log, os.O_WRONLY | os.O_APPEND), "ab") as log:
             proc = subprocess.Popen(_worker_argv(paths, options), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     close_fds=True, cwd=str(paths.home), env=_child_env(paths))

@@ -243,3 +243,83 @@ def test_config_set_applies_to_a_running_worker_at_once(cli, home, workers, queu
     cli("add", "--id", "f", "exit 1")
     wait_until(lambda: queue.get("f")["state"] in ("dead", "failed"), message="f ran")
     assert queue.get("f")["state"] == "dead" and queue.get("f")["attempts"] == 1
+
+
+# -- 9. bulk enqueue streams ---------------------------------------------------------------------
+def _peak_rss_kb(home: Path, jobs_file: Path) -> int:
+    """ru_maxrss of one `queuectl enqueue --file` run in a fresh parent (RUSAGE_CHILDREN is
+    the largest child that parent waited for, i.e. this one)."""
+    code = ("import os, resource, subprocess, sys\n"
+            f"r = subprocess.run([sys.executable, '-m', 'queuectl.cli', 'enqueue', '-q', '--file', {str(jobs_file)!r}],"
+            f" env=dict(os.environ, QUEUECTL_HOME={str(home)!r}), stdout=subprocess.DEVNULL)\n"
+            "assert r.returncode == 0\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                              text=True).stdout)
+
+
+def test_bulk_enqueue_memory_does_not_grow_with_the_file(tmp_path):
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    line = '{"command": "echo a fairly ordinary command line of some length"}\n'
+    small.write_text(line * 50_000)
+    big.write_text(line * 200_000)
+    rss_small = _peak_rss_kb(tmp_path / "h1", small)
+    rss_big = _peak_rss_kb(tmp_path / "h2", big)
+    # Before streaming, 150k more lines cost ~150 MB (a list of dicts, then of tuples).
+    assert rss_big - rss_small < 15_000, (rss_small, rss_big)
+
+
+def test_streamed_bulk_enqueue_is_still_all_or_nothing_and_names_the_line(cli, home):
+    cli("init-db")
+    before = dump_db(home)
+    text = '{"command": "true"}\n' * 25_000 + '{"command": "true", "priority": "x"}\n'
+    result = cli("enqueue", "--file", "-", input=text, ok=False)
+    assert result.exit_code == 1 and "line 25001: " in result.stderr
+    text = '{"command": "true"}\n' * 15_000 + '{"id": "dup", "command": "a"}\n' * 2
+    result = cli("enqueue", "--file", "-", input=text, ok=False)
+    assert result.exit_code == 1 and "line 15002: " in result.stderr and "dup" in result.stderr
+    assert dump_db(home) == before
+    out = cli("enqueue", "--json", "--file", "-", input='{"command": "true"}\n' * 12_000).stdout
+    data = json.loads(out)
+    assert data["created"] == 12_000 and data["ids"][0] == "1" and data["ids"][-1] == "12000"
+    assert data["skipped"] == []
+
+
+# -- 10. purging reclaims disk space ------------------------------------------------------------
+def test_purge_of_most_jobs_shrinks_the_database_file(cli, home, queue):
+    filler = "echo " + "x" * 2000
+    cli("enqueue", "--file", "-", input="".join(json.dumps({"command": filler}) + "\n"
+                                                 for _ in range(3000)))
+    cli("add", "--id", "keep", "true")
+    queue.cancel([str(i) for i in range(1, 3001)])
+    db = Paths(home).db
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = db.stat().st_size
+    assert before > 6_000_000
+    assert "Purged 3000 job(s)" in cli("purge", "--state", "cancelled").stdout
+    after = db.stat().st_size
+    assert after < before / 4, (before, after)
+    assert queue.get("keep")["state"] == "pending"
+    assert cli("add", "true").stdout == "Enqueued job 3002\n"  # purged numbers are never reused
+
+
+# -- 2. permissions ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_everything_queuectl_creates_is_private_whatever_the_umask(home, workers, umask):
+    old = os.umask(umask)
+    try:
+        assert run_queuectl("add", "--id", "s", "echo secret", home=home).returncode == 0
+        pids = workers.start(1)
+        assert run_queuectl("wait", "s", home=home).returncode == 0
+        paths = Paths(home)
+        wait_until(lambda: (paths.workers_dir / f"{pids[0]}.fifo").exists(), message="the FIFO")
+        files = [paths.db, Path(f"{paths.db}-wal"), Path(f"{paths.db}-shm"), paths.job_log("s"),
+                 paths.worker_log(pids[0]), paths.workers_dir / f"{pids[0]}.json",
+                 paths.workers_dir / f"{pids[0]}.fifo"]
+        modes = {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+        assert set(modes.values()) == {"0o600"}, modes
+        for directory in (home, paths.workers_dir, paths.logs_dir, paths.job_logs_dir):
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    finally:
+        os.umask(old)
