@@ -648,10 +648,48 @@ def worker_start(count: int, foreground: bool, backoff_base: Optional[float], lo
         if queue.paused():
             _print_notes(queue, only=PAUSED_NOTE)
         sys.exit(worker_launcher.run_attached(paths, count, options))
+    already = [w for w in worker_launcher.list_workers(paths) if not w.stopping]
+    if already:
+        click.echo(f"{len(already)} worker(s) already running; starting {count} more "
+                   f"({len(already) + count} in all; 'queuectl worker scale N' sets the total)")
     pids = worker_launcher.start_detached(paths, count, options)
     click.echo(f"Started {len(pids)} worker(s) in the background with PIDs: {', '.join(map(str, pids))}")
     click.echo(f"Logs: {paths.logs_dir}/worker-<pid>.log")
     if queue.paused():
+        _print_notes(queue, only=PAUSED_NOTE)
+
+
+@worker.command("scale")
+@click.argument("count", type=int)
+@click.option("--backoff-base", type=float, help="Override config backoff_base for workers started now.")
+@click.option("--log-jobs", is_flag=True, help="Workers started now log every job's start and completion.")
+def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool) -> None:
+    """Start detached workers, or gracefully stop (SIGTERM) the newest ones, until COUNT run.
+
+    Workers asked to stop finish their current job first (worker status shows them as
+    stopping) and do not count.
+
+    
+    Examples:
+      queuectl worker scale 4
+      queuectl worker scale 0      # like worker stop, without waiting
+    """
+    if not (0 <= count <= 256):
+        raise InvalidInput(f"COUNT must be from 0 to 256, got {count}")
+    options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
+    queue = _queue()
+    from queuectl import worker_launcher
+
+    started, stopped, before = worker_launcher.scale_workers(_paths(), count, options)
+    if started:
+        click.echo(f"Started {len(started)} worker(s) with PIDs: {', '.join(map(str, started))} "
+                   f"({before} -> {count} running)")
+    elif stopped:
+        click.echo(f"Asked {len(stopped)} worker(s) to stop after their current job: "
+                   f"{', '.join(map(str, stopped))} ({before} -> {count} running)")
+    else:
+        click.echo(f"{before} worker(s) running already; nothing to do")
+    if queue.paused() and count:
         _print_notes(queue, only=PAUSED_NOTE)
 
 
@@ -691,7 +729,7 @@ def _worker_rows() -> List[Dict[str, Any]]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--wide", "-w", is_flag=True, help="Do not cut columns to the terminal width.")
 def worker_status(as_json: bool, wide: bool) -> None:
-    """List live workers: PID, idle/busy (with job id), uptime."""
+    """List live workers: PID, idle/busy (with job id) or stopping, uptime."""
     rows = _worker_rows()
     if as_json:
         _emit_json(rows)
@@ -712,9 +750,11 @@ def status(as_json: bool) -> None:
     counts = queue.counts()
     paused = queue.paused_since()
     workers = _worker_rows()
+    orphaned = sum(1 for alive in _workers_alive(queue.processing()).values() if not alive) \
+        if counts["processing"] else 0
     if as_json:
         _emit_json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
-                    "paused_since": paused, "workers": workers})
+                    "paused_since": paused, "orphaned": orphaned, "workers": workers})
         return
     if paused is not None:
         click.echo(f"Queue: PAUSED since {format_instant(paused)} (workers claim nothing new; "
@@ -724,10 +764,27 @@ def status(as_json: bool) -> None:
     click.echo("Jobs:")
     for state in STATE_NAMES:
         label = "dead (DLQ)" if state == "dead" else state
-        click.echo(f"  {label:<12}{counts[state]:>8}")
+        note = f"  ({orphaned} with their worker gone; a worker recovers them)" \
+            if state == "processing" and orphaned else ""
+        click.echo(f"  {label:<12}{counts[state]:>8}{note}")
     click.echo(f"  {'total':<12}{sum(counts.values()):>8}")
     busy = sum(1 for w in workers if w["state"] == "busy")
     click.echo(f"Workers: {len(workers)} running ({busy} busy, {len(workers) - busy} idle)")
+
+
+def _workers_alive(jobs: Sequence[Dict[str, Any]]) -> Dict[str, bool]:
+    """For each processing job: does its worker still run? (this host: its PID; another
+    host's worker counts as alive, only its lease can tell)."""
+    from queuectl import worker_launcher
+
+    by_worker: Dict[str, bool] = {}
+    alive: Dict[str, bool] = {}
+    for job in jobs:
+        worker_id = job["worker_id"] or ""
+        if worker_id not in by_worker:
+            by_worker[worker_id] = worker_launcher.worker_alive(worker_id)
+        alive[job["id"]] = by_worker[worker_id]
+    return alive
 
 
 @cli.command("list")
@@ -788,6 +845,8 @@ def _exit_text(code: Optional[int]) -> str:
 def show(job_id: str, as_json: bool) -> None:
     """Everything about one job: state, attempts, next run, last error, exit code, output tail."""
     info = _queue().details(job_id)
+    info["worker_alive"] = (_workers_alive([info])[info["id"]] if info["state"] == "processing"
+                            else None)
     if as_json:
         info["log_file"] = str(_paths().job_log(info["id"]))
         _emit_json(_public(info))
@@ -796,10 +855,13 @@ def show(job_id: str, as_json: bool) -> None:
     lines = [
         ("id", info["id"]),
         ("state", info["state"] + (" (cancel requested)" if info["cancel_requested"]
-                                   and info["state"] not in TERMINAL else "")),
+                                   and info["state"] not in TERMINAL else "")
+         + (" (worker gone)" if info["worker_alive"] is False else "")),
         ("command", json.dumps(command) if isinstance(command, list) else command),
         ("attempts", f"{info['attempts']} (max retries {info['effective_max_retries']}"
-                     f"{'' if info['max_retries'] is not None else ', from config'})"),
+                     f"{'' if info['max_retries'] is not None else ', from config'}"
+                     + (f"; {info['attempts'] - info['retry_base']} since the last dlq retry"
+                        if info["retry_base"] else "") + ")"),
         ("priority", str(info["priority"])),
         ("timeout", format_duration(info["effective_timeout"]) if info["effective_timeout"] else "none"),
         ("cwd", info["cwd"] or "-"),
@@ -813,7 +875,9 @@ def show(job_id: str, as_json: bool) -> None:
     if info["finished_at"]:
         lines.append(("finished", format_instant(info["finished_at"])))
     if info["worker_id"]:
-        lines.append(("worker", info["worker_id"]))
+        gone = " (worker gone: the run is interrupted; a worker will recover it)" \
+            if info["worker_alive"] is False else ""
+        lines.append(("worker", info["worker_id"] + gone))
     if info["after"]:
         lines.append(("after", ", ".join(info["after"]) + f" ({info['deps_left']} not completed yet)"))
     if info["unique_key"]:

@@ -452,8 +452,8 @@ class Queue:
     def recover(self, worker_alive: Callable[[str], bool],
                 kill_orphan: Optional[Callable[[int, Optional[int]], None]] = None,
                 kill_run: Optional[Callable[[str, int], None]] = None,
-                run_result: Optional[Callable[[str, int, str], "tuple[bool, bool, Optional[str]]"]] = None
-                ) -> Dict[str, str]:
+                run_result: Optional[Callable[[str, int, str], "tuple[bool, bool, Optional[str]]"]] = None,
+                interrupted: Optional[Callable[[str, int], None]] = None) -> Dict[str, str]:
         """Settle the jobs whose worker died (process gone or lease expired).
 
         Before a job goes back, its abandoned run is killed so two runs never overlap:
@@ -464,7 +464,9 @@ class Queue:
         run left in its log: a claim that never started goes back as if never made (when its
         worker is gone), and a run that finished before its worker could record it (a worker
         records short jobs a few at a time) gets its real result instead of running again.
-        Otherwise the job returns to the retry path as "worker died".
+        Otherwise the job returns to the retry path as "worker died": that run is recorded as
+        ending at its last heartbeat (lease_until - lease_seconds), when it was last known to
+        run, and ``interrupted(job_id, attempt)`` closes its log.
         Returns {job id: what became of it}: its new state, or "released" (never started).
         """
         now = self.clock()
@@ -487,6 +489,7 @@ class Queue:
                 kill_run(row["id"], row["attempts"])
             started, finished, error = (run_result(row["id"], row["attempts"], row["worker_id"])
                                         if run_result else (True, False, None))
+            cut: Optional["tuple[str, int]"] = None
             with self.store.transaction():
                 job = self.store.get(row["id"])
                 if not job or job["state"] != "processing" or job["worker_id"] != row["worker_id"]:
@@ -498,22 +501,30 @@ class Queue:
                     recovered[job["id"]] = self._release_locked(job, row["worker_id"], now)
                     continue
                 exit_code = None
+                ended = now
+                if not finished and job["lease_until"] is not None:
+                    beat = job["lease_until"] - self.settings()["lease_seconds"]
+                    ended = min(now, max(beat, job["started_at"] or beat))
                 if job["cancel_requested"]:
                     fields = {"state": "cancelled", "last_error": "cancelled (its worker died)"}
                 elif finished and error is None:
                     fields, exit_code = {"state": "completed", "last_error": None}, 0
                 else:
                     fields = self._failure_fields(job, error if finished else reason, now)
-                fields.update(finished_at=now, updated_at=now, lease_until=None, job_pid=None,
+                fields.update(finished_at=ended, updated_at=now, lease_until=None, job_pid=None,
                               job_pid_start=None, exit_code=exit_code)
                 if self.store.update_job(job["id"], fields, states=("processing",),
                                          worker_id=row["worker_id"]):
                     if fields["state"] != "completed":
                         self.store.add_run(job["id"], job["attempts"], job["worker_id"],
-                                           job["started_at"], now, None, fields["last_error"])
+                                           job["started_at"], ended, None, fields["last_error"])
+                    if not finished:
+                        cut = (job["id"], job["attempts"])
                     self._after_state_change(job["id"], fields["state"], now)
                     recovered[job["id"]] = fields["state"]
                     self.store.wake()
+            if cut is not None and interrupted is not None:  # after COMMIT: it is settled now
+                interrupted(*cut)
         return recovered
 
     def environment(self, env_id: Optional[int]) -> "Optional[tuple[Dict[str, str], bool]]":

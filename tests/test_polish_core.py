@@ -323,3 +323,59 @@ def test_everything_queuectl_creates_is_private_whatever_the_umask(home, workers
             assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
     finally:
         os.umask(old)
+
+
+# -- 3. orphans visible --------------------------------------------------------------------------
+def test_a_job_whose_worker_died_is_shown_as_orphaned_then_recovered(cli, home, workers, queue, tmp_path):
+    cli("config", "set", "lease_seconds", "2")
+    started = tmp_path / "started"
+    cli("add", "--id", "o", f"touch {started}; sleep 60")
+    pid = workers.start(1)[0]
+    wait_until(started.exists, message="the job to start")
+    assert json.loads(cli("show", "o", "--json").stdout)["worker_alive"] is True
+    assert json.loads(cli("status", "--json").stdout)["orphaned"] == 0
+    wait_until(lambda: queue.get("o")["job_pid"], message="the first heartbeat")
+    beat = queue.get("o")["lease_until"] - 2
+    os.kill(pid, 9)
+    wait_until(lambda: not workers.alive(), message="the worker to die")
+    info = json.loads(cli("show", "o", "--json").stdout)
+    assert info["state"] == "processing" and info["worker_alive"] is False
+    assert json.loads(cli("status", "--json").stdout)["orphaned"] == 1
+    assert "worker gone" in cli("show", "o").stdout and "worker gone" in cli("status").stdout
+    cli("config", "set", "max_retries", "0")
+    cli("cancel", "o")  # recovers it now (its worker is gone), as any worker would
+    wait_until(lambda: queue.get("o")["state"] == "cancelled", message="recovery")
+    run = job(cli, "o")["runs"][-1]
+    assert abs(run["finished_at"] - beat) < 0.5, (run, beat)  # its last heartbeat, not now
+    assert log_of(home, "o").endswith("--- queuectl job o attempt 1 interrupted: worker died ---\n")
+    assert json.loads(cli("show", "o", "--json").stdout)["worker_alive"] is None
+
+
+# -- 4. worker start / scale / stopping --------------------------------------------------------
+def test_worker_scale_and_stopping(cli, home, workers, queue, tmp_path):
+    workers.start(1)
+    result = run_queuectl("worker", "start", "--count", "1", home=home)
+    workers.pids.extend(int(p) for p in result.stdout.split("PIDs:")[1].split()[0].split(","))
+    assert "1 worker(s) already running; starting 1 more (2 in all" in result.stdout
+    result = run_queuectl("worker", "scale", "3", home=home)
+    assert result.returncode == 0 and "(2 -> 3 running)" in result.stdout
+    workers.pids.extend(int(p) for p in result.stdout.split("PIDs:")[1].split("(")[0].replace(",", " ").split())
+    wait_until(lambda: len(json.loads(cli("worker", "status", "--json").stdout)) == 3, message="3 workers")
+    go = tmp_path / "go"
+    cli("add", "--id", "long", f"while [ ! -e {go} ]; do sleep 0.05; done")
+    wait_until(lambda: queue.get("long")["state"] == "processing", message="long to start")
+    busy = queue.get("long")["worker_id"]
+    rows = json.loads(cli("worker", "status", "--json").stdout)
+    busy_pid = [r["pid"] for r in rows if r["worker_id"] == busy][0]
+    # Scale down to 0: every worker is asked to stop; the busy one finishes its job first.
+    result = run_queuectl("worker", "scale", "0", home=home)
+    assert "Asked 3 worker(s) to stop" in result.stdout
+    wait_until(lambda: [r["pid"] for r in json.loads(cli("worker", "status", "--json").stdout)]
+               == [busy_pid], message="the idle workers to exit")
+    row = json.loads(cli("worker", "status", "--json").stdout)[0]
+    assert row["state"] == "stopping"
+    assert "stopping" in cli("worker", "status").stdout
+    assert "0 worker(s) running already" in run_queuectl("worker", "scale", "0", home=home).stdout
+    go.touch()
+    wait_until(lambda: not workers.alive(), message="the busy worker to finish and exit")
+    assert queue.get("long")["state"] == "completed"
