@@ -393,7 +393,7 @@ def _submit_file(source: str, if_exists: str, keep_ids: bool) -> "tuple[Any, _Re
     bar = None
     if handle is not sys.stdin and sys.stderr.isatty():
         size = os.fstat(handle.fileno()).st_size
-        if size > 1 << 20:
+        if size > 16 << 10:  # about a thousand short lines
             bar = click.progressbar(length=size, label="enqueueing", file=sys.stderr)
             bar.__enter__()
     current: Dict[str, List[int]] = {"lines": []}
