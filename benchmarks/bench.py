@@ -21,6 +21,7 @@ Scenarios (see issue 4):
       `queuectl enqueue` call vs `python -c "import click"` and `python -c pass`.
   W4  scale: W1 again with 20k and 100k completed jobs (and their run records) in the table.
   M1  memory: RSS of an idle worker, and after it ran its share of W1..W4.
+  M2  memory: peak RSS of one `queuectl enqueue --file` of 1M lines (100k with --quick).
 
 Every process the bench starts is ended (workers by PID, spawners by PID), also on Ctrl-C.
 """
@@ -247,7 +248,7 @@ def add_completed(store: Store, total: int) -> int:
     now = time.time()
     cwd = os.getcwd()
     with store.transaction():
-        ids = store.insert_jobs([(None, "true", 0, 0, None, None, cwd, now, now, None, 0)] * need)
+        ids = store.insert_jobs([(None, "true", 0, 0, None, None, cwd, now, now, None, 0, None)] * need)
         # Store-level, one row at a time (any backend); uncommitted, so idle workers never
         # see these rows pending.
         done = {"state": "completed", "attempts": 1, "finished_at": now}
@@ -332,6 +333,27 @@ def bench_w3(base: Path, bulk: int, calls: int, repeat: int = 1) -> Dict[str, An
             "W3_python_pass_ms": med["pass"], "W3_enqueue_vs_click": med["enqueue"] / med["click"]}
 
 
+def bench_m2(base: Path, lines: int) -> Dict[str, Any]:
+    """Peak RSS (ru_maxrss) of one `queuectl enqueue --file` of ``lines`` lines: it streams,
+    so this must stay flat (< 100 MB) however large the file. Measured from a fresh parent,
+    whose RUSAGE_CHILDREN maximum is then that one child's."""
+    home = new_home(base, "m2")
+    jobs_file = base / "m2.jsonl"
+    with open(jobs_file, "w") as handle:
+        for _ in range(lines // 100_000):
+            handle.write('{"command": "true"}\n' * 100_000)
+        handle.write('{"command": "true"}\n' * (lines % 100_000))
+    code = ("import os, resource, subprocess, sys\n"
+            f"subprocess.run({[*queuectl_argv(), 'enqueue', '--file', str(jobs_file)]!r}, check=True,"
+            " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,"
+            f" env=dict(os.environ, QUEUECTL_HOME={str(home.home)!r}))\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    jobs_file.unlink()
+    shutil.rmtree(home.home, ignore_errors=True)
+    return {"M2_bulk_peak_rss_mb": int(out) / 1024, "M2_bulk_lines": lines}
+
+
 # -- the run ----------------------------------------------------------------------------------------
 def run(quick: bool, keep: bool) -> Dict[str, Any]:
     size = dict(spawns=300, drain=1000, warm=2_000, repeat=1, samples=30, pause=0.02, idle=1.5, bulk=20_000, calls=5,
@@ -390,6 +412,7 @@ def run(quick: bool, keep: bool) -> Dict[str, Any]:
         store.close()
 
         res.update(bench_w3(base, size["bulk"], size["calls"], size["repeat"]))
+        res.update(bench_m2(base, 100_000 if quick else 1_000_000))
     finally:
         _cleanup()
         if keep:
@@ -425,6 +448,8 @@ TARGETS = [  # (label, key, format, target text, check)
     ("M1 idle worker RSS", "M1_idle_rss_mb", "{:.1f} MB", "<= 30 MB", lambda v: v <= 30),
     ("M1 worker RSS after the drains", "M1_rss_end_mb", "{:.1f} MB", "", None),
     ("M1 growth after W1", "M1_growth_mb", "{:+.1f} MB", "<= +2 MB (flat)", lambda v: v <= 2),
+    ("M2 bulk enqueue peak RSS (1M lines)", "M2_bulk_peak_rss_mb", "{:.1f} MB", "< 100 MB",
+     lambda v: v < 100),
 ]
 
 

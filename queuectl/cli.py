@@ -256,116 +256,233 @@ def init_db() -> None:
 
 
 # -- enqueue / add -----------------------------------------------------------------------------
-def _read_batch(source: str) -> "tuple[List[Any], List[int]]":
-    """Parse JSON Lines (a JSON array also works); returns (objects, their line numbers)."""
+CHUNK = 10_000  # lines parsed and inserted at a time: a bulk enqueue's memory does not grow with it
+
+
+def _open_source(source: str) -> Any:
     if source == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(source, encoding="utf-8") as handle:
-                text = handle.read()
-        except OSError as exc:
-            raise InvalidInput(f"cannot read {source}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise InvalidInput(f"{source} is not UTF-8 text") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except ValueError as exc:
-            raise InvalidInput(f"malformed JSON in {source}: {exc}") from None
-        return items, list(range(1, len(items) + 1))
-    items, lines = [], []
+        return sys.stdin
+    try:
+        return open(source, encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {source}: {exc.strerror}") from None
+
+
+def _read_chunks(source: str, handle: Any) -> Any:
+    """Parse JSON Lines (a JSON array also works, read whole) line by line; yields
+    (objects, their line numbers) of at most CHUNK lines."""
     loads = json.loads
     # The decoder's scanner without json.loads' per-call wrapping halves parsing time for
     # 100k-line files; anything it does not take whole goes through json.loads as before.
     scan = json.JSONDecoder().scan_once
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped[0] == "#":
-            continue
-        body = stripped if stripped is line else line.strip(" \t\r\n")  # exactly JSON's whitespace
-        try:
-            item, end = scan(body, 0)
-            whole = end == len(body)
-        except (ValueError, StopIteration):
-            whole = False
-        if not whole:
+    items: List[Any] = []
+    lines: List[int] = []
+    number = 0
+    first = True
+    try:
+        for number, line in enumerate(handle, 1):
+            stripped = line.strip()
+            if not stripped or stripped[0] == "#":
+                continue
+            if first:
+                first = False
+                if stripped[0] == "[":  # one JSON array: the old format, parsed whole
+                    text = line + handle.read()
+                    try:
+                        array = json.loads(text)
+                    except ValueError as exc:
+                        raise InvalidInput(f"malformed JSON in {source}: {exc}") from None
+                    if not isinstance(array, list):
+                        raise InvalidInput(f"malformed JSON in {source}: expected one object per line")
+                    for start in range(0, len(array), CHUNK):
+                        part = array[start:start + CHUNK]
+                        yield part, list(range(start + 1, start + len(part) + 1))
+                    return
+            body = line.strip(" \t\r\n")  # exactly JSON's whitespace
             try:
-                item = loads(line)
-            except ValueError as exc:
-                raise InvalidInput(f"line {number}: malformed JSON: {exc}") from None
-        items.append(item)
-        lines.append(number)
-    return items, lines
+                item, end = scan(body, 0)
+                whole = end == len(body)
+            except (ValueError, StopIteration):
+                whole = False
+            if not whole:
+                try:
+                    item = loads(line)
+                except ValueError as exc:
+                    raise InvalidInput(f"line {number}: malformed JSON: {exc}") from None
+            items.append(item)
+            lines.append(number)
+            if len(items) == CHUNK:
+                yield items, lines
+                items, lines = [], []
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{source} is not UTF-8 text"
+                           + (f" (after line {number})" if number else "")) from None
+    if items:
+        yield items, lines
+
+
+class _Results:
+    """What an enqueue did, without keeping one object per job: counts, first and last id,
+    and (only for --quiet/--json) the ids, spooled to a temporary file past a few MB."""
+
+    def __init__(self, keep_ids: bool = False) -> None:
+        self.total = self.created = self.replaced = 0
+        self.first: Any = None
+        self.last: Any = None
+        self.spool: Any = None
+        if keep_ids:
+            import tempfile
+
+            self.spool = tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8")
+
+    def add(self, results: Sequence[Any]) -> None:
+        if not results:
+            return
+        if self.first is None:
+            self.first = results[0]
+        self.last = results[-1]
+        self.total += len(results)
+        self.created += sum(1 for r in results if r.created)
+        self.replaced += sum(1 for r in results if r.replaced)
+        if self.spool is not None:
+            self.spool.write("".join(f"{'+' if r.created else '-'}{r.id}\n" for r in results))
+
+    def ids(self, which: Optional[bool] = None) -> Any:
+        """The ids in order (all, or only created/skipped), read back from the spool."""
+        self.spool.seek(0)
+        for line in self.spool:
+            if which is None or (line[0] == "+") == which:
+                yield line[1:-1]
+
+
+def _specs_of(items: Sequence[Any], where: Any, now: float, cwd: Optional[str],
+              extra: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    from queuectl.jobspec import parse_job
+
+    specs = []
+    for index, item in enumerate(items):
+        try:
+            spec = parse_job(item, now=now, default_cwd=cwd)
+        except QueueError as exc:
+            raise type(exc)(f"{where(index)}{exc}") from None
+        if extra:
+            spec.update(extra)
+        specs.append(spec)
+    return specs
+
+
+def _cwd() -> Optional[str]:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
 
 
 def _submit(items: Sequence[Any], where: Sequence[str], if_exists: str,
-            progress: bool = False) -> "tuple[Any, List[Any]]":
-    """Validate and enqueue in one transaction; returns (the queue, one result per item)."""
-    from queuectl.jobspec import parse_job
-
-    now = time.time()
-    try:
-        cwd: Optional[str] = os.getcwd()
-    except OSError:
-        cwd = None
-    specs = []
-    iterator: Any = items
-    bar = None
-    if progress and len(items) > 1000 and sys.stderr.isatty():
-        bar = click.progressbar(length=len(items), label="validating", file=sys.stderr)
-        bar.__enter__()
-    try:
-        for index, item in enumerate(iterator):
-            try:
-                specs.append(parse_job(item, now=now, default_cwd=cwd))
-            except QueueError as exc:
-                raise type(exc)(f"{where[index]}{exc}") from None
-            if bar is not None and index % 1000 == 999:
-                bar.update(1000)
-    finally:
-        if bar is not None:
-            bar.update(len(items) - bar.pos)
-            bar.__exit__(None, None, None)
+            keep_ids: bool = False, extra: Optional[Dict[str, Any]] = None) -> "tuple[Any, _Results]":
+    """Validate and enqueue in one transaction; returns (the queue, what it did)."""
+    specs = _specs_of(items, where.__getitem__, time.time(), _cwd(), extra)
     if not specs:
         raise InvalidInput("no jobs given")
     queue = _queue()
     try:
-        results = queue.enqueue(specs, if_exists=if_exists)
+        results = queue.enqueue(specs, if_exists=if_exists, env=os.environ)
     except QueueError as exc:
         index = getattr(exc, "index", None)
         prefix = where[index] if index is not None else ""
         raise type(exc)(f"{prefix}{exc}") from None
-    return queue, results
+    summary = _Results(keep_ids)
+    summary.add(results)
+    return queue, summary
 
 
-def _report(queue: Any, results: Sequence[Any], quiet: bool, as_json: bool,
+def _submit_file(source: str, if_exists: str, keep_ids: bool) -> "tuple[Any, _Results]":
+    """A bulk enqueue that streams the file: CHUNK lines are parsed and inserted at a time,
+    all in ONE transaction, so memory stays flat whatever the file's size."""
+    now, cwd = time.time(), _cwd()
+    handle = _open_source(source)
+    bar = None
+    if handle is not sys.stdin and sys.stderr.isatty():
+        size = os.fstat(handle.fileno()).st_size
+        if size > 16 << 10:  # about a thousand short lines
+            bar = click.progressbar(length=size, label="enqueueing", file=sys.stderr)
+            bar.__enter__()
+    current: Dict[str, List[int]] = {"lines": []}
+
+    def chunks() -> Any:
+        position = 0
+        for items, lines in _read_chunks(source, handle):
+            current["lines"] = lines
+            yield _specs_of(items, lambda i: f"line {lines[i]}: ", now, cwd)
+            if bar is not None:
+                try:
+                    now_at = handle.tell()
+                except (OSError, ValueError):
+                    now_at = position
+                bar.update(max(now_at - position, 0))
+                position = now_at
+
+    summary = _Results(keep_ids)
+    queue = _queue()
+    try:
+        queue.enqueue_chunks(chunks(), if_exists=if_exists, env=os.environ, on_results=summary.add)
+    except QueueError as exc:
+        index = getattr(exc, "index", None)
+        prefix = f"line {current['lines'][index]}: " if index is not None else ""
+        raise type(exc)(f"{prefix}{exc}") from None
+    finally:
+        if bar is not None:
+            bar.update(bar.length - bar.pos)
+            bar.__exit__(None, None, None)
+        if handle is not sys.stdin:
+            handle.close()
+    return queue, summary
+
+
+def _report(queue: Any, results: _Results, quiet: bool, as_json: bool,
             single: bool = False) -> None:
     """Print what an enqueue did: the default lines scripts already parse, only the ids
     (--quiet), or JSON (--json); then, on stderr, why the jobs may not start soon."""
     if as_json:
-        created = [r.id for r in results if r.created]
-        skipped = [r.id for r in results if not r.created]
         if single:
-            _emit_json({"id": results[0].id, "created": bool(results[0].created)})
+            first = results.first
+            data = {"id": first.id, "created": bool(first.created)}
+            if first.replaced:
+                data["replaced"] = True
+            _emit_json(data)
         else:
-            _emit_json({"ids": created, "created": len(created), "skipped": skipped})
+            # Written piece by piece (the same text as json.dumps(indent=2)): a million ids
+            # would otherwise be a million-item list in memory.
+            out = sys.stdout
+            out.write('{\n  "ids": [')
+            for n, job_id in enumerate(results.ids(True)):
+                out.write(("," if n else "") + "\n    " + json.dumps(job_id))
+            out.write(("\n  " if results.created else "") + f'],\n  "created": {results.created},\n'
+                      '  "skipped": [')
+            n = -1
+            for n, job_id in enumerate(results.ids(False)):
+                out.write(("," if n else "") + "\n    " + json.dumps(job_id))
+            out.write(("\n  " if n >= 0 else "") + "]\n}\n")
+            out.flush()
     elif quiet:
-        click.echo("\n".join(r.id for r in results))
-    elif len(results) == 1:
-        result = results[0]
-        if result.created:
+        for job_id in results.ids():
+            click.echo(job_id)
+    elif results.total == 1:
+        result = results.first
+        if result.replaced:
+            click.echo(f"Requeued job {result.id} (it had finished; its history is kept)")
+        elif result.created:
             click.echo(f"Enqueued job {result.id}")
         else:
             # Same word position as "Enqueued job ID": `awk '{print $3}'` gets the id either way.
-            click.echo(f"Existing job {result.id} already holds that unique key; nothing enqueued")
+            click.echo(f"Existing job {result.id} already holds that id or unique key; nothing enqueued")
     else:
-        created_n = sum(r.created for r in results)
-        skipped_n = len(results) - created_n
+        created_n = results.created
+        skipped_n = results.total - created_n
         click.echo(f"Enqueued {created_n} jobs"
-                   + (f" ({skipped_n} skipped: unique key active)" if skipped_n else "")
-                   + (f": {results[0].id} … {results[-1].id}" if created_n else ""))
+                   + (f" ({skipped_n} skipped: id or unique key active)" if skipped_n else "")
+                   + (f" ({results.replaced} replaced finished jobs)" if results.replaced else "")
+                   + (f": {results.first.id} … {results.last.id}" if created_n else ""))
     _print_notes(queue)
 
 
@@ -379,8 +496,9 @@ def _output_options(func: Any) -> Any:
 @cli.command()
 @click.argument("job_json", required=False)
 @click.option("--file", "-f", "source", metavar="PATH", help="JSON Lines file ('-' = stdin); all jobs in one transaction.")
-@click.option("--if-exists", type=click.Choice(["error", "skip"]), default="error", show_default=True,
-              help="When a job with the same unique_key is active: fail, or print its id and exit 0.")
+@click.option("--if-exists", type=click.Choice(["error", "skip", "replace"]), default="error", show_default=True,
+              help="When a job with the same id or unique_key is active: fail, or (skip) print its id "
+                   "and exit 0; replace re-queues a finished job with the same id.")
 @_output_options
 def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str, quiet: bool,
             as_json: bool) -> None:
@@ -389,7 +507,8 @@ def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str, quie
     \b
     Fields: command (required: string = shell, list = argv without shell), id, max_retries,
     priority (higher first), run_at (ISO-8601 or epoch) or delay (seconds), timeout (seconds),
-    cwd (default: current directory), after (ids that must complete first), unique_key.
+    cwd (default: current directory), after (ids that must complete first), unique_key,
+    env ({"NAME": "value"}: over the captured environment).
     A JSON array, or --file with one JSON object per line, adds many jobs all-or-nothing.
     \b
     Examples:
@@ -403,22 +522,22 @@ def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str, quie
     """
     if (job_json is None) == (source is None):
         raise InvalidInput("give one job as a JSON argument, or --file PATH (use '-' for stdin)")
+    keep = quiet or as_json
     if source is not None:
         # 100k parsed objects made the cyclic GC rescan the whole heap again and again (a
         # fifth of a bulk enqueue); this short-lived process creates no cycles worth it.
         gc.disable()
-        items, lines = _read_batch(source)
-        _report(*_submit(items, [f"line {n}: " for n in lines], if_exists, progress=True),
-                quiet, as_json)
+        _report(*_submit_file(source, if_exists, keep), quiet, as_json)
         return
     try:
         data = json.loads(job_json)
     except ValueError as exc:
         raise InvalidInput(f"malformed JSON: {exc}") from None
     if isinstance(data, list):
-        _report(*_submit(data, [f"job {i + 1}: " for i in range(len(data))], if_exists), quiet, as_json)
+        _report(*_submit(data, [f"job {i + 1}: " for i in range(len(data))], if_exists, keep),
+                quiet, as_json)
     else:
-        _report(*_submit([data], [""], if_exists), quiet, as_json)
+        _report(*_submit([data], [""], if_exists, keep), quiet, as_json)
 
 
 @cli.command()
@@ -432,13 +551,16 @@ def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str, quie
 @click.option("--cwd", help="Working directory (default: current directory).")
 @click.option("--after", help="Comma-separated ids that must complete first.")
 @click.option("--unique-key", help="Refuse if an active job holds this key.")
-@click.option("--if-exists", type=click.Choice(["error", "skip"]), default="error", show_default=True,
-              help="With --unique-key: fail, or print the existing id and exit 0.")
+@click.option("--env", "-e", "env_vars", multiple=True, metavar="NAME=VALUE",
+              help="Set an environment variable for the job (repeatable; over the captured environment).")
+@click.option("--if-exists", type=click.Choice(["error", "skip", "replace"]), default="error", show_default=True,
+              help="When --id or --unique-key is taken: fail; skip (an active job holds it: print its "
+                   "id, exit 0); replace (re-queue the finished job --id with this command).")
 @_output_options
 def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int],
         priority: Optional[int], run_at: Optional[str], delay: Optional[str], timeout: Optional[str],
-        cwd: Optional[str], after: Optional[str], unique_key: Optional[str], if_exists: str,
-        quiet: bool, as_json: bool) -> None:
+        cwd: Optional[str], after: Optional[str], unique_key: Optional[str], env_vars: Sequence[str],
+        if_exists: str, quiet: bool, as_json: bool) -> None:
     """Add a job from the command line, no JSON quoting needed.
 
     One argument is run by the shell; several are quoted so each stays one argument.
@@ -455,6 +577,8 @@ def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int
       queuectl add --timeout 5m --unique-key nightly-backup -- rsync -a /src /dst
       queuectl add --after 12,13 "make report"
       queuectl add -- rsync -a --delete /src /dst
+      queuectl add --env TARGET=/mnt/nas 'echo $TARGET'
+      queuectl add ./backup.sh --id nightly --if-exists replace   # every night, same id
       id=$(queuectl add -q "make build")
     """
     if len(command) == 1:
@@ -469,15 +593,23 @@ def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int
                         ("after", after), ("unique_key", unique_key)):
         if value is not None:
             data[name] = value
-    _report(*_submit([data], [""], if_exists), quiet, as_json, single=True)
+    if env_vars:
+        from queuectl.jobspec import parse_env_assignments
+
+        data["env"] = parse_env_assignments(list(env_vars))
+    _report(*_submit([data], [""], if_exists, quiet or as_json), quiet, as_json, single=True)
 
 
 # -- workers -----------------------------------------------------------------------------------
 def _worker_options(backoff_base: Optional[float]) -> List[str]:
     if backoff_base is None:
         return []
-    if not (0 <= backoff_base <= 1000):
-        raise InvalidInput("--backoff-base must be from 0 to 1000")
+    from queuectl import config as cfg
+
+    try:
+        cfg.parse_value("backoff_base", backoff_base)
+    except InvalidInput as exc:
+        raise InvalidInput(f"--backoff-base: {exc}") from None
     return ["--backoff-base", repr(backoff_base)]
 
 
@@ -527,10 +659,48 @@ def worker_start(count: int, foreground: bool, backoff_base: Optional[float], lo
         if queue.paused():
             _print_notes(queue, only=PAUSED_NOTE)
         sys.exit(worker_launcher.run_attached(paths, count, options))
+    already = [w for w in worker_launcher.list_workers(paths) if not w.stopping]
+    if already:
+        click.echo(f"{len(already)} worker(s) already running; starting {count} more "
+                   f"({len(already) + count} in all; 'queuectl worker scale N' sets the total)")
     pids = worker_launcher.start_detached(paths, count, options)
     click.echo(f"Started {len(pids)} worker(s) in the background with PIDs: {', '.join(map(str, pids))}")
     click.echo(f"Logs: {paths.logs_dir}/worker-<pid>.log")
     if queue.paused():
+        _print_notes(queue, only=PAUSED_NOTE)
+
+
+@worker.command("scale")
+@click.argument("count", type=int)
+@click.option("--backoff-base", type=float, help="Override config backoff_base for workers started now.")
+@click.option("--log-jobs", is_flag=True, help="Workers started now log every job's start and completion.")
+def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool) -> None:
+    """Start detached workers, or gracefully stop (SIGTERM) the newest ones, until COUNT run.
+
+    Workers asked to stop finish their current job first (worker status shows them as
+    stopping) and do not count.
+
+    
+    Examples:
+      queuectl worker scale 4
+      queuectl worker scale 0      # like worker stop, without waiting
+    """
+    if not (0 <= count <= 256):
+        raise InvalidInput(f"COUNT must be from 0 to 256, got {count}")
+    options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
+    queue = _queue()
+    from queuectl import worker_launcher
+
+    started, stopped, before = worker_launcher.scale_workers(_paths(), count, options)
+    if started:
+        click.echo(f"Started {len(started)} worker(s) with PIDs: {', '.join(map(str, started))} "
+                   f"({before} -> {count} running)")
+    elif stopped:
+        click.echo(f"Asked {len(stopped)} worker(s) to stop after their current job: "
+                   f"{', '.join(map(str, stopped))} ({before} -> {count} running)")
+    else:
+        click.echo(f"{before} worker(s) running already; nothing to do")
+    if queue.paused() and count:
         _print_notes(queue, only=PAUSED_NOTE)
 
 
@@ -570,7 +740,7 @@ def _worker_rows() -> List[Dict[str, Any]]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--wide", "-w", is_flag=True, help="Do not cut columns to the terminal width.")
 def worker_status(as_json: bool, wide: bool) -> None:
-    """List live workers: PID, idle/busy (with job id), uptime."""
+    """List live workers: PID, idle/busy (with job id) or stopping, uptime."""
     rows = _worker_rows()
     if as_json:
         _emit_json(rows)
@@ -591,9 +761,11 @@ def status(as_json: bool) -> None:
     counts = queue.counts()
     paused = queue.paused_since()
     workers = _worker_rows()
+    orphaned = sum(1 for alive in _workers_alive(queue.processing()).values() if not alive) \
+        if counts["processing"] else 0
     if as_json:
         _emit_json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
-                    "paused_since": paused, "workers": workers})
+                    "paused_since": paused, "orphaned": orphaned, "workers": workers})
         return
     if paused is not None:
         click.echo(f"Queue: PAUSED since {format_instant(paused)} (workers claim nothing new; "
@@ -603,10 +775,27 @@ def status(as_json: bool) -> None:
     click.echo("Jobs:")
     for state in STATE_NAMES:
         label = "dead (DLQ)" if state == "dead" else state
-        click.echo(f"  {label:<12}{counts[state]:>8}")
+        note = f"  ({orphaned} with their worker gone; a worker recovers them)" \
+            if state == "processing" and orphaned else ""
+        click.echo(f"  {label:<12}{counts[state]:>8}{note}")
     click.echo(f"  {'total':<12}{sum(counts.values()):>8}")
     busy = sum(1 for w in workers if w["state"] == "busy")
     click.echo(f"Workers: {len(workers)} running ({busy} busy, {len(workers) - busy} idle)")
+
+
+def _workers_alive(jobs: Sequence[Dict[str, Any]]) -> Dict[str, bool]:
+    """For each processing job: does its worker still run? (this host: its PID; another
+    host's worker counts as alive, only its lease can tell)."""
+    from queuectl import worker_launcher
+
+    by_worker: Dict[str, bool] = {}
+    alive: Dict[str, bool] = {}
+    for job in jobs:
+        worker_id = job["worker_id"] or ""
+        if worker_id not in by_worker:
+            by_worker[worker_id] = worker_launcher.worker_alive(worker_id)
+        alive[job["id"]] = by_worker[worker_id]
+    return alive
 
 
 @cli.command("list")
@@ -664,6 +853,8 @@ def _exit_text(code: Optional[int]) -> str:
 def show(job_id: str, as_json: bool) -> None:
     """Everything about one job: state, attempts, next run, last error, exit code, output tail."""
     info = _queue().details(job_id)
+    info["worker_alive"] = (_workers_alive([info])[info["id"]] if info["state"] == "processing"
+                            else None)
     if as_json:
         info["log_file"] = str(_paths().job_log(info["id"]))
         _emit_json(_public(info))
@@ -672,10 +863,13 @@ def show(job_id: str, as_json: bool) -> None:
     lines = [
         ("id", info["id"]),
         ("state", info["state"] + (" (cancel requested)" if info["cancel_requested"]
-                                   and info["state"] not in TERMINAL else "")),
+                                   and info["state"] not in TERMINAL else "")
+         + (" (worker gone)" if info["worker_alive"] is False else "")),
         ("command", json.dumps(command) if isinstance(command, list) else command),
         ("attempts", f"{info['attempts']} (max retries {info['effective_max_retries']}"
-                     f"{'' if info['max_retries'] is not None else ', from config'})"),
+                     f"{'' if info['max_retries'] is not None else ', from config'}"
+                     + (f"; {info['attempts'] - info['retry_base']} since the last dlq retry"
+                        if info["retry_base"] else "") + ")"),
         ("priority", str(info["priority"])),
         ("timeout", format_duration(info["effective_timeout"]) if info["effective_timeout"] else "none"),
         ("cwd", info["cwd"] or "-"),
@@ -689,7 +883,9 @@ def show(job_id: str, as_json: bool) -> None:
     if info["finished_at"]:
         lines.append(("finished", format_instant(info["finished_at"])))
     if info["worker_id"]:
-        lines.append(("worker", info["worker_id"]))
+        gone = " (worker gone: the run is interrupted; a worker will recover it)" \
+            if info["worker_alive"] is False else ""
+        lines.append(("worker", info["worker_id"] + gone))
     if info["after"]:
         lines.append(("after", ", ".join(info["after"]) + f" ({info['deps_left']} not completed yet)"))
     if info["unique_key"]:
@@ -746,16 +942,24 @@ def dlq_list(ctx: click.Context, limit: int, as_json: bool, wide: bool) -> None:
 @click.argument("job_ids", nargs=-1)
 @click.option("--all", "all_dead", is_flag=True, help="Retry every dead job.")
 def dlq_retry(job_ids: Sequence[str], all_dead: bool) -> None:
-    """Move dead jobs back to pending with attempts reset to 0 (alias: queuectl requeue ID)."""
+    """Move dead jobs back to pending with a fresh retry budget (alias: queuectl requeue ID).
+
+    Attempt numbers go on from where they were. Jobs cancelled only because a retried job
+    died (their dependents, recursively) are revived too, so a pipeline that failed half-way
+    resumes with this one command.
+    """
     if bool(job_ids) == all_dead:
         raise InvalidInput("give job ids, or --all")
-    ids = _queue().dlq_retry(job_ids, all_dead=all_dead)
+    ids, revived = _queue().dlq_retry_report(job_ids, all_dead=all_dead)
     if not ids:
         click.echo("The DLQ is empty.")
     elif len(ids) == 1:
         click.echo(f"Job {ids[0]} moved from the DLQ back to pending")
     else:
         click.echo(f"{len(ids)} jobs moved from the DLQ back to pending")
+    if revived:
+        click.echo(f"{len(revived)} dependent job(s) cancelled because of them revived: "
+                   f"{_short(' '.join(revived), 200)}")
 
 
 @cli.command("dlq-retry", hidden=True)
@@ -770,8 +974,11 @@ def requeue(ctx: click.Context, job_ids: Sequence[str]) -> None:
 @click.argument("job_ids", nargs=-1, required=True)
 def retry(job_ids: Sequence[str]) -> None:
     """Run failed (waiting) jobs now; dead jobs are requeued as by dlq retry."""
-    ids = _queue().retry(job_ids)
+    ids, revived = _queue().retry_report(job_ids)
     click.echo(f"Retrying now: {', '.join(ids)}")
+    if revived:
+        click.echo(f"{len(revived)} dependent job(s) cancelled because of them revived: "
+                   f"{_short(' '.join(revived), 200)}")
 
 
 # -- day-to-day control ------------------------------------------------------------------------

@@ -14,21 +14,29 @@ class Setting:
     low: float
     high: float
     help: str
-    optional: bool = False  # accepts "none" (and 0) meaning "no limit"
+    optional: bool = False  # accepts "none" meaning "no limit" (0 is refused, as in add)
+    seconds: bool = False   # a duration: 30, 30s, 5m, 2h, 1d (timeutil.parse_duration)
 
 
 SETTINGS: Dict[str, Setting] = {
     "max_retries": Setting(3, int, 0, 1000, "retries after the first run before a job goes to the DLQ"),
-    "backoff_base": Setting(2.0, float, 0, 1000, "retry delay is backoff_base ** attempts seconds"),
-    "backoff_max": Setting(3600.0, float, 0, 31_536_000, "upper bound of one retry delay, seconds"),
+    "backoff_base": Setting(2.0, float, 0, 1000, "retry delay is backoff_base ** attempts seconds "
+                            "(0 = retry at once, else at least 1: delays never shrink)"),
+    "backoff_max": Setting(3600.0, float, 0, 31_536_000, "upper bound of one retry delay, seconds",
+                           seconds=True),
     "job_timeout": Setting(None, float, 0.001, 31_536_000,
-                           "default per-job timeout in seconds ('none' = no timeout)", optional=True),
+                           "default per-job timeout in seconds ('none' = no timeout)", optional=True,
+                           seconds=True),
     "poll_interval": Setting(1.0, float, 0.01, 60,
-                             "how often an idle worker re-checks the queue without a wake-up, seconds"),
+                             "how often an idle worker re-checks the queue without a wake-up, seconds",
+                             seconds=True),
     "lease_seconds": Setting(30.0, float, 2, 86_400,
                              "a busy worker renews its lease every second; a job whose lease ran out "
-                             "(worker frozen or gone) returns to the retry path"),
+                             "(worker frozen or gone) returns to the retry path", seconds=True),
+    "capture_env": Setting(True, bool, 0, 1, "jobs run with the environment of the command that "
+                           "enqueued them (false: the worker's environment)"),
 }
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 # Names used by earlier queuectl designs that users still type.
 ALIASES = {
     "default_max_retries": "max_retries",
@@ -49,7 +57,15 @@ def parse_value(key: str, raw: Any) -> Any:
     """Validate a user-supplied value (string from the CLI or a JSON value) for ``key``."""
     setting = SETTINGS[key]
     text = str(raw).strip()
-    if setting.optional and text.lower() in ("none", "null", "off", "0", ""):
+    if setting.kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if text.lower() in TRUE_WORDS:
+            return True
+        if text.lower() in FALSE_WORDS:
+            return False
+        raise InvalidInput(f"invalid value {raw!r} for {key}: expected true or false")
+    if setting.optional and text.lower() in ("none", "null", "off"):
         return None
     if isinstance(raw, bool):
         raise InvalidInput(f"{key} must be a number, not a boolean")
@@ -57,8 +73,22 @@ def parse_value(key: str, raw: Any) -> Any:
     try:
         number = float(text)
     except ValueError:
-        raise InvalidInput(f"invalid value {raw!r} for {key}: expected {expected} "
-                           f"from {_fmt(setting.low)} to {_fmt(setting.high)}") from None
+        number = None
+        if setting.seconds:
+            from queuectl.timeutil import parse_duration
+
+            try:
+                number = parse_duration(text, key)
+            except InvalidInput:
+                pass
+        if number is None:
+            kind = "a duration (30, 30s, 5m, 2h)" if setting.seconds else expected
+            raise InvalidInput(f"invalid value {raw!r} for {key}: expected {kind} "
+                               f"from {_fmt(setting.low)} to {_fmt(setting.high)}"
+                               + (" or 'none'" if setting.optional else "")) from None
+    if setting.optional and number == 0:
+        raise InvalidInput(f"invalid value {raw!r} for {key}: must be greater than 0 "
+                           "('none' means no timeout)")
     if number != number or number in (float("inf"), float("-inf")):  # 'nan', 'inf', 1e999
         raise InvalidInput(f"invalid value {raw!r} for {key}: must be from {_fmt(setting.low)} "
                            f"to {_fmt(setting.high)}")
@@ -70,6 +100,9 @@ def parse_value(key: str, raw: Any) -> Any:
         extra = " or 'none'" if setting.optional else ""
         raise InvalidInput(f"invalid value {raw!r} for {key}: must be from {_fmt(setting.low)} "
                            f"to {_fmt(setting.high)}{extra}")
+    if key == "backoff_base" and 0 < number < 1:
+        raise InvalidInput(f"invalid value {raw!r} for {key}: must be 0 (retry at once) or from 1 "
+                           "to 1000 (a base below 1 would make each delay shorter than the last)")
     return number
 
 
@@ -92,6 +125,8 @@ def effective(stored: Dict[str, str], overrides: Optional[Dict[str, Any]] = None
 
 
 def encode(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return "none" if value is None else str(value)
 
 

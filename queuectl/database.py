@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from queuectl.errors import StorageError
+from queuectl.paths import private_dir, private_file
 
 # Each entry migrates schema version i to i+1; never edit a released entry, append a new one.
 MIGRATIONS: "list[str]" = [
@@ -78,6 +79,20 @@ MIGRATIONS: "list[str]" = [
         SELECT r.rowid FROM job_runs r JOIN jobs j ON j.id = r.job_id
         WHERE j.state = 'completed' AND r.attempt = j.attempts AND r.error IS NULL);
     """,
+    # Version 3 (the "Polish" issue): a job runs with the environment of the command that
+    # enqueued it, each distinct environment stored once (envs.digest: sha256 of its
+    # canonical JSON); attempt numbers never restart: retry_base is the attempts count at
+    # the last dlq retry (the retry budget and backoff count attempts - retry_base).
+    """
+    CREATE TABLE envs (
+        id     INTEGER PRIMARY KEY AUTOINCREMENT,
+        digest TEXT NOT NULL UNIQUE,
+        vars   TEXT NOT NULL,               -- JSON object {name: value}
+        inherit INTEGER NOT NULL DEFAULT 0  -- 1: vars go over the worker's own environment
+    );
+    ALTER TABLE jobs ADD COLUMN env_id INTEGER;          -- NULL: the worker's own environment
+    ALTER TABLE jobs ADD COLUMN retry_base INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -112,7 +127,10 @@ class Database:
     def __init__(self, path: "str | os.PathLike[str]", durable: bool = True) -> None:
         self.path = Path(path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
+            if not self.path.exists():
+                # SQLite gives the -wal and -shm files the mode of the database file.
+                os.close(private_file(self.path))
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise StorageError(f"cannot create directory {self.path.parent}: {reason}") from None
@@ -204,6 +222,24 @@ class Database:
             return self._retry_read(lambda: self.conn.execute(sql, params).fetchall())
         except sqlite3.DatabaseError as exc:
             raise StorageError(_describe(self.path, exc)) from None
+
+    def vacuum(self, deadline: float = 5.0) -> bool:
+        """VACUUM, then truncate the WAL so the file really shrinks; retried while busy for
+        up to ``deadline`` seconds, then given up (best effort: True if it ran)."""
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                self.conn.execute("VACUUM")
+                break
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or time.monotonic() > end:
+                    return False
+            time.sleep(0.01 * (0.5 + random.random()))
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.DatabaseError:
+            pass  # a reader holds the WAL: it is truncated at a later checkpoint
+        return True
 
     def close(self) -> None:
         self.conn.close()

@@ -17,6 +17,21 @@ from queuectl import joblog
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL to a job's process group
 _HAS_PIDFD = hasattr(os, "pidfd_open")
+# The environment os.environ was last set to (by identity): jobs inherit os.environ, which
+# is only rewritten when the next job's environment differs. Passing env= to Popen would
+# encode the whole environment again for every job (~1 us a variable, on every job's path).
+_applied_env: "Optional[dict]" = None
+
+
+def use_environment(base: "Optional[dict]", extra: "dict[str, str]") -> None:
+    """Make os.environ ``base`` (if given, and not already it) plus ``extra``: what the
+    next spawned job sees."""
+    global _applied_env
+    if base is not None and base is not _applied_env:
+        os.environ.clear()
+        os.environ.update(base)
+        _applied_env = base
+    os.environ.update(extra)
 
 
 @dataclass
@@ -79,17 +94,19 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
             attempt: int, worker_id: str, timeout: Optional[float], env: "dict[str, str]",
             wake_fds: Sequence[int] = (), on_event: Optional[Callable[[bool], Abort]] = None,
             tick: float = 1.0, on_start: Optional[Callable[[subprocess.Popen], None]] = None,
-            first_tick: Optional[float] = None) -> Outcome:
+            first_tick: Optional[float] = None, base_env: "Optional[dict]" = None) -> Outcome:
     """Run to completion, calling ``on_event(woken)`` when a wake fd is readable, after
     ``first_tick`` (default ``tick``) and then every ``tick``.
 
     The log gets the attempt's header before the run and its result line after it: the
     result line is what lets recovery tell a finished run from an interrupted one.
+    The job's environment is ``base_env`` (default: this process's) updated with ``env``;
+    stdin is /dev/null; cwd is ``cwd`` (default: this process's).
     """
     started, started_at = time.monotonic(), time.time()
     fd, offset = joblog.open_for_attempt(log_path, joblog.header(job_id, attempt, worker_id, command))
     try:
-        os.environ.update(env)
+        use_environment(base_env, env)
         try:
             proc = spawn(command, argv, cwd, fd)
         except OSError as exc:

@@ -29,10 +29,30 @@ def result_line(job_id: str, attempt: int, error: Optional[str]) -> bytes:
     return f"--- queuectl job {job_id} attempt {attempt} finished: {result} ---\n".encode("utf-8", "replace")
 
 
+def interrupted_line(job_id: str, attempt: int) -> bytes:
+    """What recovery appends to the log of a run whose worker died before it ended. Not a
+    result line ("finished:"): it records no outcome, only that the run was cut off."""
+    return f"--- queuectl job {job_id} attempt {attempt} interrupted: worker died ---\n".encode(
+        "utf-8", "replace")
+
+
+def append_interrupted(path: "str | Path", job_id: str, attempt: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # never creates a log for a job that has none
+    except OSError:
+        return
+    try:
+        os.write(fd, b"\n" + interrupted_line(job_id, attempt))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def open_for_attempt(path: "str | Path", head: bytes) -> "Tuple[int, int]":
     """Open the log for reading and appending, write the attempt header; return (fd, offset
     of the output). The caller keeps the fd for the tail and the result line."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)  # output may hold secrets
     os.write(fd, head)
     return fd, os.lseek(fd, 0, os.SEEK_END)
 

@@ -16,7 +16,10 @@ MAX_RETRIES = 1000
 MAX_SECONDS = 10 * 365 * 86400.0
 
 FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout", "cwd",
-          "after", "unique_key")
+          "after", "unique_key", "env")
+# Set by the worker for every job; an explicit value would be overwritten, so it is refused.
+WORKER_VARS = ("QUEUECTL_HOME", "QUEUECTL_DB", "QUEUECTL_JOB_ID", "QUEUECTL_ATTEMPT")
+MAX_ENV_BYTES = 1_000_000
 # Accepted for compatibility with the job records of earlier designs; only "new job" values pass.
 LEGACY_FIELDS = ("state", "attempts", "created_at", "updated_at")
 
@@ -87,6 +90,41 @@ def _command(value: Any) -> "tuple[str, int]":
     raise InvalidInput(f"command must be a string (shell) or a list of strings (argv), got {_kind(value)}")
 
 
+def parse_env(value: Any) -> "Dict[str, str] | None":
+    """Explicit environment variables of a job: {name: value}, strings only."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"env must be an object of NAME: value strings, got {_kind(value)}")
+    size = 0
+    for name, text in value.items():
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+            raise InvalidInput(f"invalid environment variable name {name!r}: it must be non-empty "
+                               "and contain no '=' or NUL")
+        if name in WORKER_VARS:
+            raise InvalidInput(f"{name} is set by the worker for every job; it cannot be given")
+        if not isinstance(text, str):
+            raise InvalidInput(f"environment variable {name} must be a string, got {_kind(text)}")
+        if "\0" in text:
+            raise InvalidInput(f"environment variable {name} must not contain NUL bytes")
+        size += len(name) + len(text)
+    if size > MAX_ENV_BYTES:
+        raise InvalidInput("env is too large (at most 1 MB)")
+    return dict(value) or None
+
+
+def parse_env_assignments(items: "List[str]") -> "Dict[str, str]":
+    """``--env K=V`` (repeatable) as a dict; the last of a repeated name wins."""
+    env: Dict[str, str] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"--env wants NAME=VALUE, got {item!r}")
+        env[name] = text
+    parse_env(env)
+    return env
+
+
 def parse_after(value: Any) -> List[str]:
     if value is None:
         return []
@@ -106,7 +144,7 @@ def parse_job(data: Any, *, now: float, default_cwd: "str | None") -> Dict[str, 
         if type(command) is str and command.strip() and "\0" not in command and len(command) <= MAX_COMMAND:
             return {"id": None, "command": command, "argv": 0, "priority": 0, "max_retries": None,
                     "timeout": None, "cwd": default_cwd, "run_at": min(now, MAX_EPOCH),
-                    "unique_key": None, "after": []}
+                    "unique_key": None, "after": [], "env": None}
     if not isinstance(data, dict):
         raise InvalidInput(f"a job must be a JSON object, got {_kind(data)}")
     for name in data:
@@ -164,4 +202,5 @@ def parse_job(data: Any, *, now: float, default_cwd: "str | None") -> Dict[str, 
         "run_at": run_at,
         "unique_key": unique_key,
         "after": list(dict.fromkeys(after)),
+        "env": parse_env(data.get("env")),
     }

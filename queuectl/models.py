@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional,
+                    Sequence)
 
 from queuectl import config as cfg
 from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound
@@ -19,6 +20,8 @@ STATES = ("pending", "processing", "completed", "failed", "dead", "cancelled")
 WAITING = ("pending", "failed")             # may still be claimed
 ACTIVE = ("pending", "failed", "processing")
 TERMINAL = ("completed", "dead", "cancelled")
+# Always set by the worker that runs a job, never taken from the enqueuer's environment.
+WORKER_VARS = ("QUEUECTL_HOME", "QUEUECTL_DB", "QUEUECTL_JOB_ID", "QUEUECTL_ATTEMPT")
 
 
 def backoff_delay(attempts: int, base: float, cap: float) -> float:
@@ -35,7 +38,38 @@ class Enqueued(NamedTuple):
     a third faster than a dataclass)."""
 
     id: str
-    created: bool  # False when --if-exists skip found an active job with the same unique key
+    created: bool  # False when --if-exists skip found an active job with the same id or unique key
+    replaced: bool = False  # True when --if-exists replace re-queued a finished job with this id
+
+
+class _Envs:
+    """The environments of one enqueue: the enqueuer's (when capture_env is on) with each
+    job's explicit variables over it, stored once per distinct environment (one lookup per
+    distinct environment, not per job)."""
+
+    def __init__(self, store: "Store", captured: Optional[Mapping[str, str]], capture: bool) -> None:
+        self.store = store
+        self.inherit = not capture or captured is None  # vars go over the worker's own env
+        self.base: Dict[str, str] = {} if self.inherit else {
+            k: v for k, v in captured.items() if k not in WORKER_VARS}  # type: ignore[union-attr]
+        self.ids: Dict[Any, Optional[int]] = {}
+
+    def id_for(self, explicit: Optional[Dict[str, str]]) -> Optional[int]:
+        key = tuple(sorted(explicit.items())) if explicit else None
+        found = self.ids.get(key, -1)
+        if found != -1:
+            return found
+        merged = {**self.base, **explicit} if explicit else self.base
+        env_id: Optional[int] = None
+        if merged:
+            import hashlib
+
+            text = json.dumps(merged, sort_keys=True, separators=(",", ":"))
+            digest = hashlib.sha256((("1" if self.inherit else "0") + text).encode(
+                "utf-8", "surrogatepass")).hexdigest()
+            env_id = self.store.env_id_for(digest, text, self.inherit)
+        self.ids[key] = env_id
+        return env_id
 
 
 class Queue:
@@ -80,19 +114,25 @@ class Queue:
         return name
 
     # -- enqueue --------------------------------------------------------------------------
-    def enqueue(self, specs: Sequence[Dict[str, Any]], *, if_exists: str = "error") -> List[Enqueued]:
+    def _envs(self, env: Optional[Mapping[str, str]]) -> _Envs:
+        return _Envs(self.store, env, bool(self.settings()["capture_env"]))
+
+    def enqueue(self, specs: Sequence[Dict[str, Any]], *, if_exists: str = "error",
+                env: Optional[Mapping[str, str]] = None) -> List[Enqueued]:
         """Insert validated specs (see jobspec.parse_job) in ONE transaction: all or nothing.
 
         An error about spec i carries ``index = i`` so a caller can name the input line.
         The checks below give the friendly messages; the store's insert is the arbiter. When
         a concurrent enqueue wins a race for an id or unique key (a multi-writer backend),
         the transaction is run again and the checks then see the winner.
+        ``env``: the enqueuer's environment (captured unless config capture_env is false);
+        None runs the jobs with the worker's environment.
         """
         now = self.clock()
         for attempt in range(3):
             try:
                 with self.store.transaction():
-                    results = self._enqueue_locked(specs, now, if_exists)
+                    results = self._enqueue_locked(specs, now, if_exists, self._envs(env))
                     if any(r.created for r in results):
                         self.store.wake()
                 return results
@@ -101,8 +141,38 @@ class Queue:
                     raise Conflict(f"cannot enqueue: {exc} (taken by a concurrent enqueue)") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def enqueue_chunks(self, chunks: Iterable[Sequence[Dict[str, Any]]], *, if_exists: str = "error",
+                       env: Optional[Mapping[str, str]] = None,
+                       on_results: Optional[Callable[[List[Enqueued]], None]] = None) -> int:
+        """A bulk enqueue that streams: chunks of specs, all in ONE transaction (all or
+        nothing), so memory does not grow with the number of jobs. ``on_results`` gets each
+        chunk's results as it is inserted (they are only real once this returns). An error
+        about a job carries ``index`` within the chunk being inserted, which is the chunk
+        the iterator yielded last. Returns how many specs there were.
+        """
+        now = self.clock()
+        total = created = 0
+        try:
+            with self.store.transaction():
+                envs = self._envs(env)
+                for chunk in chunks:
+                    if not chunk:
+                        continue
+                    results = self._enqueue_locked(chunk, now, if_exists, envs)
+                    total += len(chunk)
+                    created += sum(1 for r in results if r.created)
+                    if on_results is not None:
+                        on_results(results)
+                if not total:
+                    raise InvalidInput("no jobs given")
+                if created:
+                    self.store.wake()
+        except DuplicateKey as exc:  # a concurrent writer won a race (multi-writer backends)
+            raise Conflict(f"cannot enqueue: {exc} (taken by a concurrent enqueue)") from None
+        return total
+
     def _enqueue_locked(self, specs: Sequence[Dict[str, Any]], now: float,
-                        if_exists: str) -> List[Enqueued]:
+                        if_exists: str, envs: _Envs) -> List[Enqueued]:
         store = self.store
         user_ids = [s["id"] for s in specs if s["id"] is not None]
         existing = store.states_of(user_ids) if user_ids else {}
@@ -110,15 +180,18 @@ class Queue:
         keys_in_batch: Dict[str, str] = {}
         dep_ids = {d for s in specs for d in s["after"]}
         dep_states = store.states_of(sorted(dep_ids)) if dep_ids else {}
-        if not user_ids and not dep_ids and all(s["unique_key"] is None for s in specs):
-            return self._enqueue_plain(specs, now)
+        if not user_ids and not dep_ids and all(s["unique_key"] is None and not s.get("env")
+                                                for s in specs):
+            return self._enqueue_plain(specs, now, envs.id_for(None))
         rows: List[tuple] = []
         waits: List["tuple[int, List[str]]"] = []  # (row index, ids it waits for)
         # Per spec: (created, row index) or (False, id of the active job holding its key);
         # a key held earlier in this batch is a row index too: ids are known after the insert.
         slots: List["tuple[bool, Any]"] = []
+        replace: List["tuple[Dict[str, Any], int, Optional[int]]"] = []
         for index, spec in enumerate(specs):
             deps_left = 0
+            env_id = envs.id_for(spec.get("env"))
             if spec["id"] is not None or spec["unique_key"] is not None or spec["after"]:
                 # Plain jobs (the common bulk case) have nothing to check and skip this.
                 try:
@@ -130,6 +203,13 @@ class Queue:
                 if holder is not None:  # --if-exists skip: report the active job instead
                     slots.append((False, holder))
                     continue
+                if spec["id"] is not None and spec["id"] in existing:  # --if-exists replace
+                    seen[spec["id"]] = index
+                    if spec["unique_key"] is not None:
+                        keys_in_batch[spec["unique_key"]] = spec["id"]
+                    replace.append((spec, deps_left, env_id))
+                    slots.append((True, spec["id"]))
+                    continue
             row = len(rows)
             if spec["id"] is not None:
                 seen[spec["id"]] = index
@@ -140,19 +220,47 @@ class Queue:
                 waits.append((row, spec["after"]))
             rows.append((spec["id"], spec["command"], spec["argv"], spec["priority"],
                          spec["max_retries"], spec["timeout"], spec["cwd"], spec["run_at"], now,
-                         key, deps_left))
+                         key, deps_left, env_id))
             slots.append((True, row))
+        for spec, deps_left, env_id in replace:
+            self._replace_locked(spec, deps_left, env_id, now)
         ids = store.insert_jobs(rows) if rows else []
         if waits:
             store.insert_deps([(dep, ids[row]) for row, after in waits for dep in after])
-        return [Enqueued(ids[ref] if isinstance(ref, int) else ref, created) for created, ref in slots]
+        replaced = {spec["id"] for spec, _, _ in replace}
+        return [Enqueued(ids[ref], created) if isinstance(ref, int)
+                else Enqueued(ref, created, created and ref in replaced) for created, ref in slots]
 
-    def _enqueue_plain(self, specs: Sequence[Dict[str, Any]], now: float) -> List[Enqueued]:
+    def _replace_locked(self, spec: Dict[str, Any], deps_left: int, env_id: Optional[int],
+                        now: float) -> None:
+        """``--if-exists replace``: a finished job gets the new command and options and runs
+        again under its id, keeping its run history; its attempt numbers go on (the retry
+        budget starts afresh, as after dlq retry)."""
+        old = self.store.get(spec["id"])
+        assert old is not None and old["state"] in TERMINAL
+        if old["state"] == "completed" and old["attempts"]:
+            # A completed job's last run is recorded in its own row, which is about to change.
+            self.store.add_run(old["id"], old["attempts"], old["worker_id"], old["started_at"],
+                               old["finished_at"] or old["updated_at"], old["exit_code"], None)
+        self.store.clear_deps(old["id"])
+        if spec["after"]:
+            self.store.insert_deps([(dep, old["id"]) for dep in spec["after"]])
+        self.store.update_job(old["id"], {
+            "command": spec["command"], "argv": spec["argv"], "priority": spec["priority"],
+            "max_retries": spec["max_retries"], "timeout": spec["timeout"], "cwd": spec["cwd"],
+            "run_at": spec["run_at"], "unique_key": spec["unique_key"], "deps_left": deps_left,
+            "env_id": env_id, "state": "pending", "retry_base": old["attempts"], "updated_at": now,
+            "started_at": None, "finished_at": None, "worker_id": None, "lease_until": None,
+            "job_pid": None, "job_pid_start": None, "exit_code": None, "last_error": None,
+            "output_tail": None, "cancel_requested": 0}, states=(old["state"],))
+
+    def _enqueue_plain(self, specs: Sequence[Dict[str, Any]], now: float,
+                       env_id: Optional[int]) -> List[Enqueued]:
         """The bulk case (no ids, unique keys or dependencies: nothing to check) without the
         general loop's bookkeeping: it halves the Python time of a 100k-job enqueue."""
         ids = self.store.insert_jobs([
             (None, s["command"], s["argv"], s["priority"], s["max_retries"], s["timeout"], s["cwd"],
-             s["run_at"], now, None, 0) for s in specs])
+             s["run_at"], now, None, 0, env_id) for s in specs])
         return [Enqueued(job_id, True) for job_id in ids]
 
     def _check_new(self, spec: Dict[str, Any], existing: Dict[str, str], seen: Dict[str, int],
@@ -163,14 +271,26 @@ class Queue:
         Returns (id of the active job holding its unique key when skipping, dependencies left).
         """
         job_id = spec["id"]
-        if job_id is not None and (job_id in existing or job_id in seen):
-            raise Conflict(f"job {job_id!r} already exists")
+        if job_id is not None and job_id in seen:
+            raise Conflict(f"job {job_id!r} already exists (earlier in this batch)")
+        if job_id is not None and job_id in existing:
+            state = existing[job_id]
+            if if_exists == "skip" and state in ACTIVE:
+                return job_id, 0
+            if if_exists == "replace":
+                if state in ACTIVE:
+                    raise Conflict(f"job {job_id!r} is {state}; --if-exists replace only replaces a "
+                                   "finished (completed, dead or cancelled) job")
+            else:
+                raise Conflict(f"job {job_id!r} already exists ({state})"
+                               + ("; --if-exists replace re-queues a finished job under its id"
+                                  if state in TERMINAL else ""))
         key = spec["unique_key"]
         if key is not None:
             holder: Any = keys_in_batch.get(key)  # an id, or the row index of a generated one
             if holder is None:
                 holder = self.store.active_with_key(key)
-            if holder is not None:
+            if holder is not None and holder != job_id:
                 if if_exists == "skip":
                     return holder, 0
                 shown = "an earlier job of this batch" if isinstance(holder, int) else f"active job {holder!r}"
@@ -219,7 +339,8 @@ class Queue:
             state = "cancelled"
             fields.update(last_error="cancelled by user before it started", finished_at=now)
         else:
-            state = "failed" if current["attempts"] > 1 else "pending"
+            # Whether it had run since its last (re)start: then it was waiting for a retry.
+            state = "failed" if current["attempts"] - (current.get("retry_base") or 0) > 1 else "pending"
             self.store.wake()
         fields["state"] = state
         self.store.update_job(job["id"], fields, states=("processing",), worker_id=worker_id)
@@ -285,9 +406,10 @@ class Queue:
     def _failure_fields(self, job: Dict[str, Any], error: str, now: float) -> Dict[str, Any]:
         settings = self.settings()
         max_retries = job["max_retries"] if job["max_retries"] is not None else settings["max_retries"]
-        if job["attempts"] > max_retries:
+        used = job["attempts"] - (job.get("retry_base") or 0)  # runs since the last dlq retry
+        if used > max_retries:
             return {"state": "dead", "last_error": error}
-        delay = backoff_delay(job["attempts"], settings["backoff_base"], settings["backoff_max"])
+        delay = backoff_delay(used, settings["backoff_base"], settings["backoff_max"])
         return {"state": "failed", "last_error": error, "run_at": now + delay}
 
     def _after_state_change(self, job_id: str, state: str, now: float) -> None:
@@ -330,8 +452,8 @@ class Queue:
     def recover(self, worker_alive: Callable[[str], bool],
                 kill_orphan: Optional[Callable[[int, Optional[int]], None]] = None,
                 kill_run: Optional[Callable[[str, int], None]] = None,
-                run_result: Optional[Callable[[str, int, str], "tuple[bool, bool, Optional[str]]"]] = None
-                ) -> Dict[str, str]:
+                run_result: Optional[Callable[[str, int, str], "tuple[bool, bool, Optional[str]]"]] = None,
+                interrupted: Optional[Callable[[str, int], None]] = None) -> Dict[str, str]:
         """Settle the jobs whose worker died (process gone or lease expired).
 
         Before a job goes back, its abandoned run is killed so two runs never overlap:
@@ -342,7 +464,9 @@ class Queue:
         run left in its log: a claim that never started goes back as if never made (when its
         worker is gone), and a run that finished before its worker could record it (a worker
         records short jobs a few at a time) gets its real result instead of running again.
-        Otherwise the job returns to the retry path as "worker died".
+        Otherwise the job returns to the retry path as "worker died": that run is recorded as
+        ending at its last heartbeat (lease_until - lease_seconds), when it was last known to
+        run, and ``interrupted(job_id, attempt)`` closes its log.
         Returns {job id: what became of it}: its new state, or "released" (never started).
         """
         now = self.clock()
@@ -365,6 +489,7 @@ class Queue:
                 kill_run(row["id"], row["attempts"])
             started, finished, error = (run_result(row["id"], row["attempts"], row["worker_id"])
                                         if run_result else (True, False, None))
+            cut: Optional["tuple[str, int]"] = None
             with self.store.transaction():
                 job = self.store.get(row["id"])
                 if not job or job["state"] != "processing" or job["worker_id"] != row["worker_id"]:
@@ -376,23 +501,40 @@ class Queue:
                     recovered[job["id"]] = self._release_locked(job, row["worker_id"], now)
                     continue
                 exit_code = None
+                ended = now
+                if not finished and job["lease_until"] is not None:
+                    beat = job["lease_until"] - self.settings()["lease_seconds"]
+                    ended = min(now, max(beat, job["started_at"] or beat))
                 if job["cancel_requested"]:
                     fields = {"state": "cancelled", "last_error": "cancelled (its worker died)"}
                 elif finished and error is None:
                     fields, exit_code = {"state": "completed", "last_error": None}, 0
                 else:
                     fields = self._failure_fields(job, error if finished else reason, now)
-                fields.update(finished_at=now, updated_at=now, lease_until=None, job_pid=None,
+                fields.update(finished_at=ended, updated_at=now, lease_until=None, job_pid=None,
                               job_pid_start=None, exit_code=exit_code)
                 if self.store.update_job(job["id"], fields, states=("processing",),
                                          worker_id=row["worker_id"]):
                     if fields["state"] != "completed":
                         self.store.add_run(job["id"], job["attempts"], job["worker_id"],
-                                           job["started_at"], now, None, fields["last_error"])
+                                           job["started_at"], ended, None, fields["last_error"])
+                    if not finished:
+                        cut = (job["id"], job["attempts"])
                     self._after_state_change(job["id"], fields["state"], now)
                     recovered[job["id"]] = fields["state"]
                     self.store.wake()
+            if cut is not None and interrupted is not None:  # after COMMIT: it is settled now
+                interrupted(*cut)
         return recovered
+
+    def environment(self, env_id: Optional[int]) -> "Optional[tuple[Dict[str, str], bool]]":
+        """A stored environment: ({name: value}, inherit: over the worker's own or not)."""
+        if env_id is None:
+            return None
+        found = self.store.get_env(env_id)
+        if found is None:
+            return None
+        return json.loads(found[0]), found[1]
 
     # -- operator side --------------------------------------------------------------------
     def get(self, job_id: str) -> Dict[str, Any]:
@@ -435,7 +577,13 @@ class Queue:
         return [self.get(job_id) for job_id in dict.fromkeys(ids)]
 
     def dlq_retry(self, ids: Sequence[str] = (), all_dead: bool = False) -> List[str]:
-        """Dead jobs back to pending with attempts reset; all or nothing."""
+        """Dead jobs back to pending with a fresh retry budget; all or nothing."""
+        return self.dlq_retry_report(ids, all_dead)[0]
+
+    def dlq_retry_report(self, ids: Sequence[str] = (), all_dead: bool = False
+                         ) -> "tuple[List[str], List[str]]":
+        """dlq_retry, and the jobs revived with them: those cancelled only because a retried
+        job died (recursively). Returns (retried ids, revived ids)."""
         now = self.clock()
         with self.store.transaction():
             jobs = self.store.list_jobs(("dead",)) if all_dead else self._load(ids)
@@ -444,12 +592,17 @@ class Queue:
                     raise Conflict(f"job {job['id']!r} is {job['state']}, not dead; "
                                    "only jobs in the DLQ can be retried with dlq retry")
                 self._requeue(job, now, reset_attempts=True)
+            revived = self._revive_dependents([job["id"] for job in jobs], now)
             if jobs:
                 self.store.wake()
-        return [job["id"] for job in jobs]
+        return [job["id"] for job in jobs], revived
 
     def retry(self, ids: Sequence[str]) -> List[str]:
         """Run failed (waiting) jobs now; dead jobs are requeued as by dlq retry."""
+        return self.retry_report(ids)[0]
+
+    def retry_report(self, ids: Sequence[str]) -> "tuple[List[str], List[str]]":
+        """retry, and the dependents revived with the dead jobs among them."""
         now = self.clock()
         with self.store.transaction():
             jobs = self._load(ids)
@@ -458,8 +611,45 @@ class Queue:
                     raise Conflict(f"job {job['id']!r} is {job['state']}; only failed or dead jobs "
                                    "can be retried")
                 self._requeue(job, now, reset_attempts=job["state"] == "dead")
+            revived = self._revive_dependents([j["id"] for j in jobs if j["state"] == "dead"], now)
             self.store.wake()
-        return [job["id"] for job in jobs]
+        return [job["id"] for job in jobs], revived
+
+    def _revive_dependents(self, retried: Sequence[str], now: float) -> List[str]:
+        """Jobs cancelled by the cascade of a retried job's death ("dependency 'X' is dead",
+        or "... is cancelled" for X revived here) go back to waiting, with deps_left counted
+        afresh. One that still waits for another dead or cancelled job stays cancelled
+        (it is looked at again if that one is revived too), and so does one whose unique
+        key an active job holds now."""
+        back = set(retried)
+        revived: List[str] = []
+        todo = list(retried)
+        while todo:
+            parent = todo.pop(0)
+            for child_id in self.store.dependents(parent, ("cancelled",)):
+                child = self.store.get(child_id)
+                if child is None or child["state"] != "cancelled" or child_id in back:
+                    continue
+                error = child["last_error"] or ""
+                if not any(error in (f"dependency {dep!r} is dead", f"dependency {dep!r} is cancelled")
+                           for dep in back):
+                    continue
+                deps = self.store.dependencies(child_id)
+                states = self.store.states_of(deps)
+                if any(states.get(dep) in ("dead", "cancelled") for dep in deps):
+                    continue
+                key = child["unique_key"]
+                if key is not None and self.store.active_with_key(key) is not None:
+                    continue
+                left = sum(1 for dep in deps if dep in states and states[dep] != "completed")
+                self.store.update_job(child_id, {
+                    "state": "pending" if child["attempts"] - child["retry_base"] == 0 else "failed",
+                    "deps_left": left, "run_at": now, "updated_at": now, "finished_at": None,
+                    "last_error": None}, states=("cancelled",))
+                back.add(child_id)
+                revived.append(child_id)
+                todo.append(child_id)
+        return revived
 
     def _requeue(self, job: Dict[str, Any], now: float, reset_attempts: bool) -> None:
         key = job["unique_key"]
@@ -469,8 +659,8 @@ class Queue:
                 raise Conflict(f"unique key {key!r} is held by active job {holder!r}")
         fields: Dict[str, Any] = {"state": "pending", "run_at": now, "updated_at": now,
                                   "finished_at": None}
-        if reset_attempts:
-            fields["attempts"] = 0
+        if reset_attempts:  # attempt numbers go on; the retry budget starts afresh
+            fields["retry_base"] = job["attempts"]
         self.store.update_job(job["id"], fields, states=(job["state"],))
 
     def cancel(self, ids: Sequence[str]) -> Dict[str, str]:
@@ -531,4 +721,6 @@ class Queue:
         with self.store.transaction():
             ids = self.store.finished_before(states, cutoff)
             self.store.delete_jobs(ids)
+        if ids:
+            self.store.reclaim()  # give the freed space back when it is most of the file
         return ids

@@ -5,6 +5,35 @@ import os
 from pathlib import Path
 
 HOME_ENV = "QUEUECTL_HOME"
+# Job output and environments often hold secrets: whatever the umask, what queuectl creates
+# is private to its user (directories 0700, files 0600).
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dir(path: "str | os.PathLike[str]") -> None:
+    """mkdir -p, each directory created here 0700 whatever the umask (existing ones untouched)."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.parent.exists():
+        private_dir(path.parent)
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)
+
+
+def private_file(path: "str | os.PathLike[str]", flags: int = os.O_WRONLY) -> int:
+    """Open (creating it 0600 whatever the umask) and return the fd."""
+    fd = os.open(path, flags | os.O_CREAT, FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != FILE_MODE and os.fstat(fd).st_size == 0:
+            os.fchmod(fd, FILE_MODE)  # a umask like 0o277 took bits we want
+    except OSError:
+        pass
+    return fd
 
 
 class Paths:

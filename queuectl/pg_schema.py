@@ -67,5 +67,20 @@ MIGRATIONS: List[str] = [
     CREATE TABLE config (key text PRIMARY KEY, value text NOT NULL);
     CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
     """,
+    # Version 2 = SQLite's version 3: captured environments stored once, attempt numbers that
+    # never restart (retry_base). used_at: an enqueue refreshes it when it picks an env, and
+    # unused envs are deleted only when it is old, so a purge never deletes the env of an
+    # enqueue still in flight (READ COMMITTED cannot see its uncommitted job row).
+    """
+    CREATE TABLE envs (
+        id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        digest  text NOT NULL UNIQUE,
+        vars    text NOT NULL,                -- JSON object {name: value}
+        inherit integer NOT NULL DEFAULT 0,   -- 1: vars go over the worker's own environment
+        used_at double precision NOT NULL
+    );
+    ALTER TABLE jobs ADD COLUMN env_id bigint;          -- NULL: the worker's own environment
+    ALTER TABLE jobs ADD COLUMN retry_base bigint NOT NULL DEFAULT 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -47,10 +47,11 @@ _CLAIM_SQL = (
 _HAS_READY_SQL = (f"SELECT 1 FROM jobs WHERE {_READY} AND run_at <= %s AND {_NOT_PAUSED} "
                   "ORDER BY priority DESC, run_at, seq LIMIT 1")
 _INSERT_COLUMNS = ("seq", "id", "command", "argv", "state", "priority", "max_retries", "timeout",
-                   "cwd", "run_at", "created_at", "updated_at", "unique_key", "deps_left")
+                   "cwd", "run_at", "created_at", "updated_at", "unique_key", "deps_left", "env_id")
+_ENV_GRACE = 3600.0  # seconds an env stays after its last use by an enqueue (see pg_schema v2)
 _INSERT_SQL = (f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) VALUES "
                f"({', '.join(['%s'] * len(_INSERT_COLUMNS))})")
-assert len(NEW_JOB_COLUMNS) == 11, "keep _row() in step with NEW_JOB_COLUMNS"
+assert len(NEW_JOB_COLUMNS) == 12, "keep _row() in step with NEW_JOB_COLUMNS"
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 
 T = TypeVar("T")
@@ -267,7 +268,7 @@ class PgStore:
         seqs = sorted(r[0] for r in self._rows(
             "SELECT nextval('jobs_seq') FROM generate_series(1, %s)", (len(jobs),)))
         rows = [(seq, job[0] if job[0] is not None else str(seq), job[1], job[2], "pending", job[3],
-                 job[4], job[5], job[6], job[7], job[8], job[8], job[9], job[10])
+                 job[4], job[5], job[6], job[7], job[8], job[8], job[9], job[10], job[11])
                 for seq, job in zip(seqs, jobs)]
 
         def insert(conn: psycopg.Connection) -> None:
@@ -285,6 +286,22 @@ class PgStore:
         except pg_errors.UniqueViolation as exc:
             raise _duplicate(exc) from None
         return [row[1] for row in rows]
+
+    def clear_deps(self, job_id: str) -> None:
+        self._execute("DELETE FROM job_deps WHERE job_id = %s", (job_id,))
+
+    def env_id_for(self, digest: str, vars_json: str, inherit: bool) -> int:
+        return self._rows(
+            "INSERT INTO envs (digest, vars, inherit, used_at) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (digest) DO UPDATE SET used_at = EXCLUDED.used_at RETURNING id",
+            (digest, vars_json, int(inherit), time.time()))[0][0]
+
+    def get_env(self, env_id: int) -> Optional[Tuple[str, bool]]:
+        rows = self._rows("SELECT vars, inherit FROM envs WHERE id = %s", (env_id,))
+        return (rows[0][0], bool(rows[0][1])) if rows else None
+
+    def reclaim(self) -> None:
+        """Nothing: autovacuum gives dead rows' space back to new rows."""
 
     def insert_deps(self, pairs: Sequence[Tuple[str, str]]) -> None:
         pairs = list(pairs)
@@ -359,6 +376,10 @@ class PgStore:
         deleted = self._execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,)).rowcount
         self._execute("DELETE FROM job_runs WHERE job_id = ANY(%s)", (ids,))
         self._execute("DELETE FROM job_deps WHERE job_id = ANY(%s) OR dep_id = ANY(%s)", (ids, ids))
+        if deleted:
+            self._execute("DELETE FROM envs WHERE used_at < %s AND id NOT IN "
+                          "(SELECT env_id FROM jobs WHERE env_id IS NOT NULL)",
+                          (time.time() - _ENV_GRACE,))
         return deleted
 
     # -- jobs: reads ----------------------------------------------------------------------

@@ -13,14 +13,15 @@ from typing import Any, ContextManager, Iterable, Sequence
 from queuectl import wakeup
 from queuectl.database import Database
 from queuectl.errors import DuplicateKey
+from queuectl.paths import private_dir
 from queuectl.store import CLAIM_COLUMNS, NEW_JOB_COLUMNS
 
 # Parameters: the sequence number, then a NEW_JOB_COLUMNS tuple. A missing id is the sequence
 # number itself (TEXT affinity stores it as text), so no str() per generated id in Python.
 _INSERT_SQL = ("INSERT INTO jobs (seq, id, command, argv, state, priority, max_retries, timeout, cwd, "
-               "run_at, created_at, updated_at, unique_key, deps_left) VALUES "
-               "(?1, coalesce(?2, ?1), ?3, ?4, 'pending', ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12)")
-assert len(NEW_JOB_COLUMNS) == 11, "keep _INSERT_SQL in step with NEW_JOB_COLUMNS"
+               "run_at, created_at, updated_at, unique_key, deps_left, env_id) VALUES "
+               "(?1, coalesce(?2, ?1), ?3, ?4, 'pending', ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13)")
+assert len(NEW_JOB_COLUMNS) == 12, "keep _INSERT_SQL in step with NEW_JOB_COLUMNS"
 # Queries must repeat the WHERE of a partial index term for term so SQLite may use it.
 _READY = "state IN ('pending', 'failed') AND deps_left = 0"
 # jobs_state leaves out completed jobs (the bulk of the table): one index write less per job.
@@ -71,7 +72,7 @@ class SqliteStore:
         wakeup.ring(self.workers_dir)
 
     def listen(self) -> wakeup.Doorbell:
-        self.workers_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.workers_dir)
         return wakeup.Doorbell(self.workers_dir)
 
     def close(self) -> None:
@@ -95,6 +96,20 @@ class SqliteStore:
     def insert_deps(self, pairs: Iterable[Sequence[str]]) -> None:
         """Pairs of (dep_id, job_id): job_id waits for dep_id."""
         self.conn.executemany("INSERT OR IGNORE INTO job_deps (dep_id, job_id) VALUES (?, ?)", pairs)
+
+    def clear_deps(self, job_id: str) -> None:
+        self.conn.execute("DELETE FROM job_deps WHERE job_id = ?", (job_id,))
+
+    def env_id_for(self, digest: str, vars_json: str, inherit: bool) -> int:
+        row = self.conn.execute("SELECT id FROM envs WHERE digest = ?", (digest,)).fetchone()
+        if row:
+            return row[0]
+        return self.conn.execute("INSERT INTO envs (digest, vars, inherit) VALUES (?, ?, ?)",
+                                 (digest, vars_json, int(inherit))).lastrowid
+
+    def get_env(self, env_id: int) -> "tuple[str, bool] | None":
+        rows = self.db.read("SELECT vars, inherit FROM envs WHERE id = ?", (env_id,))
+        return (rows[0][0], bool(rows[0][1])) if rows else None
 
     def claim(self, worker_id: str, now: float, lease_until: float,
               limit: int = 1) -> "list[dict[str, Any]]":
@@ -183,7 +198,24 @@ class SqliteStore:
             self.conn.execute(f"DELETE FROM job_runs WHERE job_id IN ({marks})", chunk)
             self.conn.execute(f"DELETE FROM job_deps WHERE job_id IN ({marks})", chunk)
             self.conn.execute(f"DELETE FROM job_deps WHERE dep_id IN ({marks})", chunk)
+        if deleted:  # environments no job refers to any more (few rows: one per distinct env)
+            self.conn.execute("DELETE FROM envs WHERE id NOT IN "
+                              "(SELECT env_id FROM jobs WHERE env_id IS NOT NULL)")
         return deleted
+
+    def reclaim(self) -> None:
+        """VACUUM when at least half of the file's pages are free (and it is over 1 MB).
+
+        Not auto_vacuum: INCREMENTAL only works for files created with it (existing queues
+        would need a VACUUM anyway) and adds pointer-map pages to every bulk insert; a purge
+        is rare and is where the space is freed, so that is where we give it back.
+        """
+        pages = self.db.read("PRAGMA page_count")[0][0]
+        free = self.db.read("PRAGMA freelist_count")[0][0]
+        size = pages * self.db.read("PRAGMA page_size")[0][0]
+        if size < 1 << 20 or free * 2 < pages:
+            return
+        self.db.vacuum()
 
     # -- jobs: reads ----------------------------------------------------------------------
     def get(self, job_id: str) -> "dict[str, Any] | None":

@@ -27,11 +27,13 @@ ROLES = ("cli", "worker", "reader")
 
 # A new job as models hand it to insert_jobs: a tuple in this order (tuples, not dicts: a
 # bulk enqueue builds 100k of them). ``id`` None means "allocate one" (str of its sequence).
+# ``env_id`` (schema v3) is an id from ``env_id_for`` or None (the worker's own environment).
 NEW_JOB_COLUMNS = ("id", "command", "argv", "priority", "max_retries", "timeout", "cwd", "run_at",
-                   "created_at", "unique_key", "deps_left")
+                   "created_at", "unique_key", "deps_left", "env_id")
 # The columns of a claimed job (what a worker needs to run and finish it).
 CLAIM_COLUMNS = ("seq", "id", "command", "argv", "cwd", "state", "priority", "run_at", "attempts",
-                 "max_retries", "timeout", "worker_id", "started_at", "lease_until")
+                 "max_retries", "timeout", "worker_id", "started_at", "lease_until", "env_id",
+                 "retry_base")
 
 
 class Listener(Protocol):
@@ -72,6 +74,20 @@ class Store(Protocol):
     def insert_deps(self, pairs: Sequence[Tuple[str, str]]) -> None:
         """(dep_id, job_id): job_id waits for dep_id."""
 
+    def clear_deps(self, job_id: str) -> None:
+        """Forget what ``job_id`` waits for (its edges as a dependent; those of jobs waiting
+        for it stay). Used when ``add --if-exists replace`` re-queues a finished job."""
+
+    def env_id_for(self, digest: str, vars_json: str, inherit: bool) -> int:
+        """The id of the stored environment with this digest (models hash vars and inherit),
+        inserting (vars_json, inherit) if it is new: ``vars_json`` is a JSON object
+        {name: value}; ``inherit`` means the vars go over the worker's own environment
+        instead of being the whole of it. Inside a transaction; one call per distinct
+        environment of an enqueue, never one per job."""
+
+    def get_env(self, env_id: int) -> Optional[Tuple[str, bool]]:
+        """(vars_json, inherit) of a stored environment (workers cache it per id), or None."""
+
     def claim(self, worker_id: str, now: float, lease_until: float,
               limit: int = 1) -> List[Dict[str, Any]]:
         """Up to ``limit`` ready jobs (CLAIM_COLUMNS), now processing with attempts + 1, in
@@ -102,7 +118,13 @@ class Store(Protocol):
         """Each waiting job depending on any of ``dep_ids`` has that many dependencies fewer."""
 
     def delete_jobs(self, ids: Sequence[str]) -> int:
-        """Delete jobs with their runs and dependency edges; returns how many jobs went."""
+        """Delete jobs with their runs and dependency edges; returns how many jobs went.
+        Environments no job uses any more may go too (the backend's choice)."""
+
+    def reclaim(self) -> None:
+        """After a purge, outside any transaction: give freed space back to the system if it
+        is worth it (SQLite: VACUUM when most pages are free; PostgreSQL: nothing, or VACUUM).
+        Best effort: never raises for a busy database."""
 
     # -- jobs: reads -----------------------------------------------------------------------
     def get(self, job_id: str) -> Optional[Dict[str, Any]]:

@@ -16,10 +16,11 @@ import time
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
+from queuectl import config as cfg
 from queuectl import executor, worker_launcher
 from queuectl.errors import QueueError
-from queuectl.models import Queue
-from queuectl.paths import Paths
+from queuectl.models import WORKER_VARS, Queue
+from queuectl.paths import Paths, private_dir
 from queuectl.store import open_store
 
 RECOVER_EVERY = 2.0  # seconds between checks for jobs whose worker died
@@ -56,6 +57,8 @@ class Worker:
         self.held: Deque[Dict[str, Any]] = deque()  # claimed, not started yet (claim order)
         self.done: List[Tuple[Dict[str, Any], executor.Outcome]] = []  # ran, not recorded yet
         self.batch = 1  # jobs the next claim may take
+        self.own_env: Dict[str, str] = dict(os.environ)  # run() takes it again, with QUEUECTL_HOME
+        self.envs: Dict[Any, Dict[str, str]] = {None: self.own_env}
 
     # -- signals --------------------------------------------------------------------------
     def _on_stop(self, signum: int, _frame: Any) -> None:
@@ -95,10 +98,12 @@ class Worker:
         self._install_signals()
         paths = self.paths
         for directory in (paths.workers_dir, paths.job_logs_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            private_dir(directory)
         record = worker_launcher.write_pid_file(paths, self.pid, "foreground" if self.foreground else "detached")
         self.worker_id = record["worker_id"]
         os.environ["QUEUECTL_HOME"] = str(paths.home)  # every job sees it (set once, not per job)
+        self.own_env = dict(os.environ)  # jobs enqueued without a captured environment get this
+        self.envs: Dict[Any, Dict[str, str]] = {None: self.own_env}
         store = open_store(paths, "worker")
         self.listener = store.listen()
         self.queue = Queue(store, overrides=self.overrides)
@@ -223,6 +228,31 @@ class Worker:
             self._drain()
 
     # -- one job --------------------------------------------------------------------------
+    ENV_CACHE = 64  # distinct stored environments a worker keeps at hand
+
+    def _environment(self, env_id: Optional[int]) -> Dict[str, str]:
+        """The environment a job runs with: the stored one of its enqueuer (fetched once per
+        id), with QUEUECTL_HOME and QUEUECTL_DB always this worker's (QUEUECTL_JOB_ID and
+        QUEUECTL_ATTEMPT are added per run)."""
+        env = self.envs.get(env_id)
+        if env is not None:
+            return env
+        found = self.queue.environment(env_id)
+        if found is None:  # gone (cannot happen while its job exists): the worker's own
+            env = self.own_env
+        else:
+            stored, inherit = found
+            env = dict(self.own_env) if inherit else {}
+            env.update(stored)
+            for name in WORKER_VARS:
+                env.pop(name, None)
+                if name in self.own_env:
+                    env[name] = self.own_env[name]
+        if len(self.envs) > self.ENV_CACHE:
+            self.envs = {None: self.own_env}
+        self.envs[env_id] = env
+        return env
+
     def _execute(self, job: Dict[str, Any]) -> executor.Outcome:
         queue = self.queue
         started = {"proc": None, "pid_sent": False, "last_beat": time.monotonic()}
@@ -279,13 +309,15 @@ class Worker:
                 return ("cancelled by user while running", True)
             return None
 
+        base_env = self._environment(job.get("env_id"))
         env = {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"])}
         return executor.run_job(job["command"], bool(job["argv"]), job["cwd"],
                                 self.paths.job_log_name(job["id"]), job["id"], job["attempts"],
                                 self.worker_id, queue.job_timeout(job), env,
                                 wake_fds=(self.listener.fileno(), self._sig_r), on_event=on_event,
                                 tick=HEARTBEAT_EVERY, on_start=on_start,
-                                first_tick=HOLD_LIMIT if self.held or self.done else None)
+                                first_tick=HOLD_LIMIT if self.held or self.done else None,
+                                base_env=base_env)
 
     def _log_outcome(self, job: Dict[str, Any], outcome: executor.Outcome, state: str) -> None:
         if state == "completed":
@@ -309,14 +341,15 @@ class Worker:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m queuectl.worker")
     parser.add_argument("--home", help="queuectl home (default: $QUEUECTL_HOME or ~/.queuectl)")
-    parser.add_argument("--backoff-base", type=float, help="override backoff_base for this worker")
+    parser.add_argument("--backoff-base", help="override backoff_base for this worker")
     parser.add_argument("--foreground", action="store_true", help="attached to a terminal; logs every job")
     parser.add_argument("--log-jobs", action="store_true", help="log every job's start and completion")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
-    overrides = {"backoff_base": args.backoff_base} if args.backoff_base is not None else {}
     try:
+        overrides = ({"backoff_base": cfg.parse_value("backoff_base", args.backoff_base)}
+                     if args.backoff_base is not None else {})
         return Worker(Paths(args.home), overrides, foreground=args.foreground,
                       log_jobs=args.log_jobs).run()
     except QueueError as exc:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from queuectl import executor, joblog
-from queuectl.paths import Paths
+from queuectl.paths import Paths, private_dir, private_file
 
 WORKER_MODULE = "queuectl.worker"
 
@@ -39,10 +39,12 @@ def write_pid_file(paths: Paths, pid: int, mode: str) -> Dict[str, Any]:
     start = executor.process_start_time(pid)
     record = {"pid": pid, "start": start, "started_at": time.time(),
               "worker_id": worker_id_for(pid, start), "mode": mode}
-    paths.workers_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.workers_dir)
     target = pid_file(paths, pid)
     tmp = paths.workers_dir / f".{pid}.json.tmp"
-    tmp.write_text(json.dumps(record))
+    fd = private_file(tmp, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(record))
     os.replace(tmp, target)
     return record
 
@@ -102,6 +104,25 @@ class WorkerInfo:
     worker_id: str
     started_at: float
     mode: str
+    stopping: bool = False  # asked to stop (SIGTERM sent, recorded in its PID file)
+
+
+def mark_stopping(paths: Paths, pid: int) -> None:
+    """Record in the PID file that this worker was asked to stop (worker status: stopping).
+    A worker that exits meanwhile has removed its file: then there is nothing to mark."""
+    path = pid_file(paths, pid)
+    try:
+        record = json.loads(open(path).read())
+    except (OSError, ValueError):
+        return
+    record["stopping_at"] = time.time()
+    tmp = paths.workers_dir / f".{pid}.json.stop.tmp"
+    with os.fdopen(private_file(tmp, os.O_WRONLY | os.O_TRUNC), "w") as handle:
+        handle.write(json.dumps(record))
+    if path.exists():
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
 
 
 def list_workers(paths: Paths, clean: bool = True) -> List[WorkerInfo]:
@@ -123,7 +144,8 @@ def list_workers(paths: Paths, clean: bool = True) -> List[WorkerInfo]:
             record = {}
         if is_our_worker(record, paths.home):
             found.append(WorkerInfo(record["pid"], str(record.get("worker_id", "")),
-                                    float(record.get("started_at") or 0), str(record.get("mode", ""))))
+                                    float(record.get("started_at") or 0), str(record.get("mode", "")),
+                                    bool(record.get("stopping_at"))))
         elif clean:
             try:
                 os.unlink(path)
@@ -153,7 +175,8 @@ def worker_rows(paths: Paths, processing: Callable[[], List[Dict[str, Any]]],
     rows = []
     for info in workers:
         job = busy.get(info.worker_id)
-        rows.append({"pid": info.pid, "state": "busy" if job else "idle",
+        state = "stopping" if info.stopping else "busy" if job else "idle"
+        rows.append({"pid": info.pid, "state": state,
                      "job": job["id"] if job else None, "uptime": round(now - info.started_at, 1),
                      "started_at": info.started_at, "mode": info.mode, "worker_id": info.worker_id})
     return rows
@@ -186,7 +209,10 @@ def recover_dead_workers_jobs(queue: Any, paths: Paths, own_worker_id: Optional[
         started, result = joblog.attempt_status(paths.job_log(job_id), attempt, worker_id)
         return started, result is not None, None if result == joblog.OK_RESULT else result
 
-    return queue.recover(alive, executor.kill_orphan_group, kill_run, run_result)
+    def interrupted(job_id: str, attempt: int) -> None:
+        joblog.append_interrupted(paths.job_log(job_id), job_id, attempt)
+
+    return queue.recover(alive, executor.kill_orphan_group, kill_run, run_result, interrupted)
 
 
 def _worker_argv(paths: Paths, options: Sequence[str]) -> List[str]:
@@ -201,12 +227,12 @@ def _child_env(paths: Paths) -> Dict[str, str]:
 
 def start_detached(paths: Paths, count: int, options: Sequence[str] = ()) -> List[int]:
     """Start ``count`` workers in their own sessions and return their PIDs at once."""
-    paths.logs_dir.mkdir(parents=True, exist_ok=True)
-    paths.workers_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.logs_dir)
+    private_dir(paths.workers_dir)
     pids = []
     for _ in range(count):
         launch_log = paths.logs_dir / f".worker-starting-{os.getpid()}-{time.monotonic_ns()}.log"
-        with open(launch_log, "ab") as log:
+        with os.fdopen(private_file(launch_log, os.O_WRONLY | os.O_APPEND), "ab") as log:
             proc = subprocess.Popen(_worker_argv(paths, options), stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     close_fds=True, cwd=str(paths.home), env=_child_env(paths))
@@ -215,6 +241,24 @@ def start_detached(paths: Paths, count: int, options: Sequence[str] = ()) -> Lis
         proc.returncode = 0  # never waited on by us; keeps Popen.__del__ from warning
         pids.append(proc.pid)
     return pids
+
+
+def scale_workers(paths: Paths, count: int, options: Sequence[str] = ()
+                  ) -> "tuple[List[int], List[int], int]":
+    """Start detached workers, or gracefully stop (SIGTERM) the newest, until ``count`` run
+    that are not already stopping. Returns (started pids, signalled pids, how many ran)."""
+    running = [w for w in list_workers(paths) if not w.stopping]
+    if len(running) < count:
+        return start_detached(paths, count - len(running), options), [], len(running)
+    stopped = []
+    for info in sorted(running, key=lambda w: w.started_at, reverse=True)[:len(running) - count]:
+        try:
+            mark_stopping(paths, info.pid)
+            os.kill(info.pid, signal.SIGTERM)
+            stopped.append(info.pid)
+        except ProcessLookupError:
+            remove_pid_file(paths, info.pid)
+    return [], stopped, len(running)
 
 
 def run_attached(paths: Paths, count: int, options: Sequence[str] = ()) -> int:
@@ -262,6 +306,7 @@ def stop_workers(paths: Paths, wait: float = 10.0, force: bool = False) -> StopR
     workers = list_workers(paths)
     for info in workers:
         try:
+            mark_stopping(paths, info.pid)
             os.kill(info.pid, sig)
             report.signalled.append(info.pid)
         except ProcessLookupError:

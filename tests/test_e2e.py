@@ -57,11 +57,12 @@ def test_retry_then_dlq(cli, queue, workers):
     missing = queue.get("missing")
     assert missing["attempts"] == 1 and "command not found" in missing["last_error"]
     assert "bad" in cli("dlq", "list").stdout and "missing" in cli("list", "--dlq").stdout
-    # and back from the DLQ: it runs again with attempts counted from zero
+    # and back from the DLQ: it runs again with a fresh budget, as attempt 2 (numbers go on)
     cli("dlq", "retry", "missing")
     wait_until(lambda: len(queue.details("missing")["runs"]) == 2 and state_of(queue, "missing") == "dead",
                message="dead again")
-    assert queue.get("missing")["attempts"] == 1
+    assert queue.get("missing")["attempts"] == 2
+    assert [r["attempt"] for r in queue.details("missing")["runs"]] == [1, 2]
 
 
 def test_backoff_delays_are_respected_by_workers(cli, queue, workers):

@@ -200,14 +200,15 @@ def _make_dead(q: Queue, job_id: str) -> None:
     assert q.get(job_id)["state"] == "dead"
 
 
-def test_dlq_retry_resets_attempts(q, clock):
+def test_dlq_retry_resets_the_retry_budget_not_the_attempt_numbers(q, clock):
     job_id = add(q, id="d")
     _make_dead(q, job_id)
     clock.advance(100)
     assert q.dlq_retry(["d"]) == ["d"]
     job = q.get("d")
-    assert (job["state"], job["attempts"], job["run_at"]) == ("pending", 0, T0 + 100)
-    assert q.claim(W)["attempts"] == 1
+    used = job["attempts"]
+    assert (job["state"], job["retry_base"], job["run_at"]) == ("pending", used, T0 + 100)
+    assert q.claim(W)["attempts"] == used + 1
 
 
 def test_dlq_retry_refuses_jobs_that_are_not_dead(q):
@@ -401,7 +402,7 @@ def test_config_aliases(q, alias, canonical):
 @pytest.mark.parametrize("key,raw,expected", [
     ("max_retries", "0", 0), ("max_retries", "5", 5), ("max_retries", "5.0", 5),
     ("backoff_base", "0", 0.0), ("backoff_base", "1.5", 1.5), ("backoff_max", "60", 60.0),
-    ("job_timeout", "none", None), ("job_timeout", "0", None), ("job_timeout", "2.5", 2.5),
+    ("job_timeout", "none", None), ("job_timeout", "2.5", 2.5),
     ("poll_interval", "0.05", 0.05),
 ])
 def test_config_values(key, raw, expected):
@@ -411,7 +412,7 @@ def test_config_values(key, raw, expected):
 @pytest.mark.parametrize("key,raw", [
     ("max_retries", "-1"), ("max_retries", "1.5"), ("max_retries", "x"), ("max_retries", True),
     ("backoff_base", "-0.1"), ("poll_interval", "0"), ("poll_interval", "61"),
-    ("job_timeout", "-1"), ("lease_seconds", "1"), ("backoff_max", "nan"),
+    ("job_timeout", "-1"), ("job_timeout", "0"), ("lease_seconds", "1"), ("backoff_max", "nan"),
 ])
 def test_config_invalid_values(key, raw):
     with pytest.raises(InvalidInput, match=key):

@@ -65,17 +65,17 @@ def test_location_hides_the_password(backend):
 
 def test_duplicates_are_refused_by_the_database(store):
     with store.transaction():
-        store.insert_jobs([("a", "true", 0, 0, None, None, "/", 1.0, 1.0, "k", 0)])
-    for job, what in ((("a", "true", 0, 0, None, None, "/", 1.0, 1.0, None, 0), "id"),
-                      ((None, "true", 0, 0, None, None, "/", 1.0, 1.0, "k", 0), "unique_key")):
+        store.insert_jobs([("a", "true", 0, 0, None, None, "/", 1.0, 1.0, "k", 0, None)])
+    for job, what in ((("a", "true", 0, 0, None, None, "/", 1.0, 1.0, None, 0, None), "id"),
+                      ((None, "true", 0, 0, None, None, "/", 1.0, 1.0, "k", 0, None), "unique_key")):
         with pytest.raises(DuplicateKey) as info:
             with store.transaction():
                 store.insert_jobs([job])
         assert info.value.what == what
     with store.transaction():  # a duplicate leaves the transaction usable (savepoint)
         with pytest.raises(DuplicateKey):
-            store.insert_jobs([("a", "true", 0, 0, None, None, "/", 1.0, 1.0, None, 0)])
-        store.insert_jobs([("b", "true", 0, 0, None, None, "/", 1.0, 1.0, None, 0)])
+            store.insert_jobs([("a", "true", 0, 0, None, None, "/", 1.0, 1.0, None, 0, None)])
+        store.insert_jobs([("b", "true", 0, 0, None, None, "/", 1.0, 1.0, None, 0, None)])
     assert sorted(store.states_of(["a", "b"])) == ["a", "b"]
 
 
