@@ -18,6 +18,16 @@ from queuectl import executor, joblog
 from queuectl.paths import Paths
 
 WORKER_MODULE = "queuectl.worker"
+HOST_ENV = "QUEUECTL_HOST"
+
+
+def host_name() -> str:
+    """This host's name in worker ids: ``$QUEUECTL_HOST``, else the machine's hostname.
+    The override lets several "hosts" share one machine (tests, containers sharing a
+    hostname); PID checks are only ever made for workers of this name."""
+    import socket
+
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 def pid_file(paths: Paths, pid: int) -> "os.PathLike[str]":
@@ -25,9 +35,7 @@ def pid_file(paths: Paths, pid: int) -> "os.PathLike[str]":
 
 
 def worker_id_for(pid: int, start: Optional[int]) -> str:
-    import socket
-
-    return f"{socket.gethostname()}:{pid}:{start if start is not None else 0}"
+    return f"{host_name()}:{pid}:{start if start is not None else 0}"
 
 
 def parse_worker_id(worker_id: str) -> "tuple[str, int, Optional[int]]":
@@ -161,13 +169,11 @@ def worker_rows(paths: Paths, processing: Callable[[], List[Dict[str, Any]]],
 
 def worker_alive(worker_id: str) -> bool:
     """For recovery: False only when we can prove the worker process is gone (same host)."""
-    import socket
-
     try:
         host, pid, start = parse_worker_id(worker_id)
     except ValueError:
         return False
-    if host != socket.gethostname():
+    if host != host_name():
         return True  # another host: only its lease can tell
     return executor.pid_matches(pid, start) and WORKER_MODULE in (executor.process_cmdline(pid) or WORKER_MODULE)
 
