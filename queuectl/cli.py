@@ -99,9 +99,9 @@ PAUSED_NOTE = "note: the queue is paused; 'queuectl resume' to continue"
 def _notes(queue: Any) -> List[str]:
     """Why jobs may not run soon: no live worker, or the queue is paused.
 
-    The ONE place that decides whether a worker runs (today: this host's PID files; later a
-    registry in the database). It stays cheap because `add` calls it: with no PID file at
-    all there is no worker, decided without importing the launcher.
+    The ONE place that decides whether a worker runs: this host's PID files, else a live
+    worker of any host in the database's registry. It stays cheap because `add` calls it:
+    a PID file is checked without importing the launcher, the registry is one read.
     """
     notes = []
     paths = _paths()
@@ -114,6 +114,8 @@ def _notes(queue: Any) -> List[str]:
         from queuectl import worker_launcher
 
         running = bool(worker_launcher.list_workers(paths, clean=False))
+    if not running:
+        running = any(not row["gone"] for row in queue.registry())
     if not running:
         notes.append(NO_WORKERS_NOTE)
     if queue.paused():
@@ -538,14 +540,21 @@ def worker_start(count: int, foreground: bool, backoff_base: Optional[float], lo
 @click.option("--wait", "wait_s", default=10.0, show_default=True, type=float,
               help="Seconds to wait for workers to finish their current job and exit.")
 @click.option("--force", is_flag=True, help="Kill running jobs (they go back to the retry path).")
-def worker_stop(wait_s: float, force: bool) -> None:
-    """Stop every live worker: SIGTERM, each finishes its current job and exits.
+@click.option("--all-hosts", is_flag=True,
+              help="Ask every host's workers to stop, through the database.")
+def worker_stop(wait_s: float, force: bool, all_hosts: bool) -> None:
+    """Stop every live worker of this host: SIGTERM, each finishes its current job and exits.
 
     Stale PID files (dead process, or a PID now used by another program) are removed and
-    never signalled.
+    never signalled. --all-hosts asks every registered worker of every host through the
+    database instead (each sees it within about a second, then stops as on SIGTERM, or as
+    --force), and waits up to --wait for them to be gone.
     """
     from queuectl import worker_launcher
 
+    if all_hosts:
+        _stop_all_hosts(wait_s, force)
+        return
     report = worker_launcher.stop_workers(_paths(), wait=wait_s, force=force)
     if not report.signalled:
         click.echo("No running workers.")
@@ -560,17 +569,44 @@ def worker_stop(wait_s: float, force: bool) -> None:
                    "(they exit when it ends; --force kills the job)")
 
 
-def _worker_rows() -> List[Dict[str, Any]]:
+def _stop_all_hosts(wait_s: float, force: bool) -> None:
+    """worker stop --all-hosts: set the registry's stop flag, wait for the rows to go."""
+    queue = _queue()
+    asked = queue.request_stop(force=force)
+    if not asked:
+        click.echo("No running workers.")
+        return
+    hosts = sorted({worker_id.rsplit(":", 2)[0] for worker_id in asked})
+    click.echo(f"Stop requested{' (forced)' if force else ''} through the database for "
+               f"{len(asked)} worker(s) on {len(hosts)} host(s): {', '.join(hosts)}")
+    deadline = time.monotonic() + max(wait_s, 0)
+    while True:
+        left = {row["worker_id"] for row in queue.registry() if not row["gone"]} & set(asked)
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    click.echo(f"Stopped: {len(asked) - len(left)}")
+    if left:
+        click.echo(f"Still running (they exit when their current job ends"
+                   f"{'' if force else '; --force kills it'}): {', '.join(sorted(left))}")
+
+
+def _worker_rows(queue: Any = None) -> List[Dict[str, Any]]:
     from queuectl import worker_launcher
 
-    return worker_launcher.worker_rows(_paths(), lambda: _queue().processing())
+    queue = queue if queue is not None else _queue()
+    return worker_launcher.worker_rows(_paths(), queue.processing, registry=queue)
 
 
 @worker.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--wide", "-w", is_flag=True, help="Do not cut columns to the terminal width.")
 def worker_status(as_json: bool, wide: bool) -> None:
-    """List live workers: PID, idle/busy (with job id), uptime."""
+    """List every host's workers: host, PID, idle/busy (with job id), uptime.
+
+    This host's come from PID files (checked by PID); other hosts' from the database's
+    registry, where a worker that stopped beating shows once as "gone" and is forgotten.
+    """
     rows = _worker_rows()
     if as_json:
         _emit_json(rows)
@@ -578,8 +614,10 @@ def worker_status(as_json: bool, wide: bool) -> None:
     if not rows:
         click.echo("No running workers.")
         return
-    _table([[str(r["pid"]), r["state"], r["job"] or "-", format_duration(r["uptime"]), r["mode"]]
-            for r in rows], ["PID", "STATE", "JOB", "UPTIME", "MODE"], shrink=(2,), wide=wide)
+    _table([[r["host"], str(r["pid"]), r["state"] + (" (stopping)" if r["stopping"] and r["state"] != "gone"
+                                                      else ""),
+             r["job"] or "-", format_duration(r["uptime"]), r["mode"]]
+            for r in rows], ["HOST", "PID", "STATE", "JOB", "UPTIME", "MODE"], shrink=(3,), wide=wide)
 
 
 # -- inspection --------------------------------------------------------------------------------
@@ -590,7 +628,7 @@ def status(as_json: bool) -> None:
     queue = _queue()
     counts = queue.counts()
     paused = queue.paused_since()
-    workers = _worker_rows()
+    workers = _worker_rows(queue)
     if as_json:
         _emit_json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
                     "paused_since": paused, "workers": workers})
@@ -605,8 +643,14 @@ def status(as_json: bool) -> None:
         label = "dead (DLQ)" if state == "dead" else state
         click.echo(f"  {label:<12}{counts[state]:>8}")
     click.echo(f"  {'total':<12}{sum(counts.values()):>8}")
-    busy = sum(1 for w in workers if w["state"] == "busy")
-    click.echo(f"Workers: {len(workers)} running ({busy} busy, {len(workers) - busy} idle)")
+    live = [w for w in workers if w["state"] != "gone"]
+    busy = sum(1 for w in live if w["state"] == "busy")
+    hosts = len({w["host"] for w in live})
+    on_hosts = f" on {hosts} hosts" if hosts > 1 else ""
+    click.echo(f"Workers: {len(live)} running{on_hosts} ({busy} busy, {len(live) - busy} idle)")
+    gone = len(workers) - len(live)
+    if gone:
+        click.echo(f"  {gone} worker(s) of other hosts stopped beating (gone)")
 
 
 @cli.command("list")

@@ -171,6 +171,11 @@ def terminate_group(proc: subprocess.Popen, grace: float = KILL_GRACE) -> None:
     proc.wait()
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL a job's whole process group at once (fencing: no grace period)."""
+    _killpg(pgid, signal.SIGKILL)
+
+
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

@@ -19,6 +19,7 @@ STATES = ("pending", "processing", "completed", "failed", "dead", "cancelled")
 WAITING = ("pending", "failed")             # may still be claimed
 ACTIVE = ("pending", "failed", "processing")
 TERMINAL = ("completed", "dead", "cancelled")
+GONE_MIN = 10.0  # seconds: the shortest silence after which a registered worker counts as gone
 
 
 def backoff_delay(attempts: int, base: float, cap: float) -> float:
@@ -321,6 +322,8 @@ class Queue:
         with self.store.transaction():
             ours = bool(self.store.update_job(job["id"], fields, states=("processing",),
                                               worker_id=worker_id))
+        if ours:  # the lease as last renewed: a worker that can no longer renew it stops there
+            job["lease_until"] = fields["lease_until"]
         return ours, ours and self.cancel_requested(job["id"])
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -393,6 +396,56 @@ class Queue:
                     recovered[job["id"]] = fields["state"]
                     self.store.wake()
         return recovered
+
+    # -- worker registry ------------------------------------------------------------------
+    def worker_gone_after(self) -> float:
+        """Seconds without a registry beat after which a worker counts as gone: three leases
+        (a worker beats every few seconds), never under GONE_MIN so a slow beat is no death."""
+        return max(3 * self.settings()["lease_seconds"], GONE_MIN)
+
+    def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
+                        mode: str) -> None:
+        with self.store.transaction():
+            self.store.register_worker(worker_id, host, pid, started_at, mode, self.clock())
+
+    def worker_beat(self, worker_id: str, host: str, pid: int, started_at: float,
+                    mode: str) -> int:
+        """Renew our registry row (re-creating it if it was forgotten during an outage) and
+        forget the rows of workers gone long ago; returns the stop level asked of us."""
+        now = self.clock()
+        with self.store.transaction():
+            level = self.store.beat_worker(worker_id, now)
+            if level is None:
+                self.store.register_worker(worker_id, host, pid, started_at, mode, now)
+                level = 0
+            self.store.forget_workers(now - 2 * self.worker_gone_after())
+        return level
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self.store.transaction():
+            self.store.unregister_worker(worker_id)
+
+    def registry(self) -> List[Dict[str, Any]]:
+        """Every registered worker, each with ``gone``: its beat is older than
+        worker_gone_after (a worker on another host is dead only when it stops beating)."""
+        cutoff = self.clock() - self.worker_gone_after()
+        return [dict(row, gone=row["heartbeat_at"] < cutoff) for row in self.store.registered_workers()]
+
+    def forget_workers(self, worker_ids: Sequence[str]) -> None:
+        """Drop the rows of workers known to be gone (a dead PID on this host, a stale beat)."""
+        if worker_ids:
+            with self.store.transaction():
+                for worker_id in worker_ids:
+                    self.store.unregister_worker(worker_id)
+
+    def request_stop(self, force: bool = False) -> List[str]:
+        """Ask every live registered worker, on every host, to stop (as SIGTERM would; forced:
+        as SIGUSR1). They see it at their next beat or wake-up; returns the ids asked."""
+        ids = [row["worker_id"] for row in self.registry() if not row["gone"]]
+        with self.store.transaction():
+            self.store.request_stop(2 if force else 1, ids)
+            self.store.wake()
+        return ids
 
     # -- operator side --------------------------------------------------------------------
     def get(self, job_id: str) -> Dict[str, Any]:

@@ -126,6 +126,10 @@ class PgStore:
         self._failed = False     # a statement failed inside the open transaction
         self._wake_pending = False
         self._listeners: List["PgListener"] = []
+        # How long BEGIN keeps reconnecting: a worker must get control back within a second
+        # (it supervises a run whose lease it cannot renew, and has its own backoff); a CLI
+        # command rides out a short server restart.
+        self.begin_window = 1.0 if role == "worker" else 5.0
         self._connection()
         self._migrate()
 
@@ -428,6 +432,38 @@ class PgStore:
         left, started, finished = rows[0]
         return {"left": left, "started_at": started, "finished_at": finished}
 
+    # -- worker registry ------------------------------------------------------------------
+    def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
+                        mode: str, now: float) -> None:
+        self._execute(
+            "INSERT INTO workers (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested) "
+            "VALUES (%s, %s, %s, %s, %s, %s, 0) ON CONFLICT (worker_id) DO UPDATE SET "
+            "host = excluded.host, pid = excluded.pid, started_at = excluded.started_at, "
+            "heartbeat_at = excluded.heartbeat_at, mode = excluded.mode, stop_requested = 0",
+            (worker_id, host, pid, started_at, now, mode))
+
+    def beat_worker(self, worker_id: str, now: float) -> Optional[int]:
+        rows = self._rows("UPDATE workers SET heartbeat_at = %s WHERE worker_id = %s "
+                          "RETURNING stop_requested", (now, worker_id))
+        return int(rows[0][0]) if rows else None
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self._execute("DELETE FROM workers WHERE worker_id = %s", (worker_id,))
+
+    def registered_workers(self) -> List[Dict[str, Any]]:
+        return self._dicts("SELECT worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested "
+                           "FROM workers ORDER BY host, started_at, worker_id")
+
+    def forget_workers(self, beaten_before: float) -> int:
+        return self._execute("DELETE FROM workers WHERE heartbeat_at < %s", (beaten_before,)).rowcount
+
+    def request_stop(self, level: int, worker_ids: Optional[Sequence[str]] = None) -> int:
+        if worker_ids is None:
+            return self._execute("UPDATE workers SET stop_requested = greatest(stop_requested, %s)",
+                                 (level,)).rowcount
+        return self._execute("UPDATE workers SET stop_requested = greatest(stop_requested, %s) "
+                             "WHERE worker_id = ANY(%s)", (level, list(worker_ids))).rowcount
+
     # -- config and flags -----------------------------------------------------------------
     def config_items(self) -> Dict[str, str]:
         return dict(self._rows("SELECT key, value FROM config"))
@@ -474,7 +510,7 @@ class _Transaction:
             self.joined = True
             store._depth += 1
             return store
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + store.begin_window
         while True:
             conn = store._connection()
             try:

@@ -271,6 +271,43 @@ class SqliteStore:
         left, started, finished = rows[0]
         return {"left": left, "started_at": started, "finished_at": finished}
 
+    # -- worker registry ------------------------------------------------------------------
+    def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
+                        mode: str, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO workers (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested) "
+            "VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT(worker_id) DO UPDATE SET host = excluded.host, "
+            "pid = excluded.pid, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
+            "mode = excluded.mode, stop_requested = 0", (worker_id, host, pid, started_at, now, mode))
+
+    def beat_worker(self, worker_id: str, now: float) -> "int | None":
+        if not self.conn.execute("UPDATE workers SET heartbeat_at = ? WHERE worker_id = ?",
+                                 (now, worker_id)).rowcount:
+            return None
+        row = self.conn.execute("SELECT stop_requested FROM workers WHERE worker_id = ?",
+                                (worker_id,)).fetchone()
+        return int(row[0]) if row else None
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self.conn.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+
+    def registered_workers(self) -> "list[dict[str, Any]]":
+        return self._query("SELECT worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested "
+                           "FROM workers ORDER BY host, started_at, worker_id")
+
+    def forget_workers(self, beaten_before: float) -> int:
+        return self.conn.execute("DELETE FROM workers WHERE heartbeat_at < ?", (beaten_before,)).rowcount
+
+    def request_stop(self, level: int, worker_ids: "Sequence[str] | None" = None) -> int:
+        sql = "UPDATE workers SET stop_requested = max(stop_requested, ?)"
+        params: "list[Any]" = [level]
+        if worker_ids is not None:
+            if not worker_ids:
+                return 0
+            sql += f" WHERE worker_id IN ({', '.join('?' * len(worker_ids))})"
+            params.extend(worker_ids)
+        return self.conn.execute(sql, params).rowcount
+
     # -- config and flags -----------------------------------------------------------------
     def config_items(self) -> "dict[str, str]":
         return dict(self.db.read("SELECT key, value FROM config"))
