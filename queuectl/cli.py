@@ -92,6 +92,7 @@ def _queue(durable: bool = True):
     return Queue(open_store(_paths(), "cli" if durable else "reader"))
 
 
+SHOW_TAIL_CHARS = 4096  # what `show` prints of the stored output tail (`logs` prints it all)
 NO_WORKERS_NOTE = "note: no workers are running; start them with: queuectl worker start"
 PAUSED_NOTE = "note: the queue is paused; 'queuectl resume' to continue"
 
@@ -711,8 +712,9 @@ def _exit_text(code: Optional[int]) -> str:
 def show(job_id: str, as_json: bool) -> None:
     """Everything about one job: state, attempts, next run, last error, exit code, output tail."""
     info = _queue().details(job_id)
+    log_file = _log_elsewhere(info) or str(_paths().job_log(info["id"]))
     if as_json:
-        info["log_file"] = str(_paths().job_log(info["id"]))
+        info["log_file"] = log_file
         _emit_json(_public(info))
         return
     command = info["command"]
@@ -743,7 +745,7 @@ def show(job_id: str, as_json: bool) -> None:
         lines.append(("unique key", info["unique_key"]))
     lines.append(("exit code", _exit_text(info["exit_code"])))
     lines.append(("last error", info["last_error"] or "-"))
-    lines.append(("log file", str(_paths().job_log(info["id"]))))
+    lines.append(("log file", log_file))
     for name, value in lines:
         click.echo(f"{name + ':':<12} {value}")
     if info["runs"]:
@@ -762,7 +764,10 @@ def show(job_id: str, as_json: bool) -> None:
                        f"{format_duration(took):>7}  {result}")
     if info["output_tail"]:
         click.echo("output (tail):")
-        for line in info["output_tail"].rstrip("\n").split("\n"):
+        tail = info["output_tail"]
+        if len(tail) > SHOW_TAIL_CHARS:  # the database keeps more for `logs` on other hosts
+            tail = "…" + tail[-SHOW_TAIL_CHARS:].split("\n", 1)[-1]
+        for line in tail.rstrip("\n").split("\n"):
             click.echo(f"  {line}")
 
 
@@ -838,6 +843,51 @@ def _ctrl_c_exits_130(func: Any) -> Any:
     return wrapper
 
 
+def _log_elsewhere(job: Dict[str, Any]) -> Optional[str]:
+    """"host:path" of the job's log when its last recorded attempt ran on another host
+    (logs stay where they were written), else None."""
+    location = job.get("log_location")
+    if not location or ":" not in location:
+        return None
+    from queuectl import worker_launcher
+
+    host = location.split(":", 1)[0]
+    return location if host != worker_launcher.host_name() else None
+
+
+def _remote_logs(queue: Any, job: Dict[str, Any], location: str, follow: bool,
+                 attempt: Optional[int], tail_n: Optional[int]) -> None:
+    """`logs` on a host without the log file: the tail the database keeps of the last
+    recorded attempt's output, and (stderr) where the full log lives."""
+    from queuectl import joblog
+
+    if follow and job["state"] not in TERMINAL:
+        click.echo(f"note: job {job['id']} logs on another host ({location}); printing its "
+                   "stored output tail when it ends", err=True)
+        while job["state"] not in TERMINAL:
+            time.sleep(0.2)
+            job = queue.get(job["id"])
+        location = _log_elsewhere(job) or location
+    if attempt is not None and attempt != job["attempts"]:
+        raise InvalidInput(f"the database keeps only the last attempt's output of job {job['id']!r} "
+                           f"(attempt {job['attempts']}); attempt {attempt} is in the log at {location}")
+    data = (job["output_tail"] or "").encode("utf-8", "replace")
+    if tail_n is not None:
+        data = joblog.tail_lines(data, tail_n)
+    click.echo(f"note: the full log is on another host: {location}; this is the last "
+               f"{format_bytes(queue.settings()['db_tail_bytes'])} of attempt {job['attempts']}'s "
+               "output, kept in the database", err=True)
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    if follow and job["state"] != "completed":
+        click.echo(f"job {job['id']} ended {job['state']}", err=True)
+        sys.exit(1)
+
+
+def format_bytes(count: int) -> str:
+    return f"{count // 1024} KiB" if count >= 1024 and count % 1024 == 0 else f"{count} bytes"
+
+
 @cli.command()
 @click.argument("job_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job's run ends.")
@@ -865,6 +915,10 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
     job = queue.get(job_id)
     path = _paths().job_log(job["id"])
     out = sys.stdout.buffer
+    elsewhere = _log_elsewhere(job)
+    if elsewhere:
+        _remote_logs(queue, job, elsewhere, follow, attempt, tail_n)
+        return
     if attempt is not None or not follow:
         if attempt is None and tail_n is not None:
             data = joblog.read_last_lines(path, tail_n)[0]

@@ -28,6 +28,9 @@ SETTINGS: Dict[str, Setting] = {
     "lease_seconds": Setting(30.0, float, 2, 86_400,
                              "a busy worker renews its lease every second; a job whose lease ran out "
                              "(worker frozen or gone) returns to the retry path"),
+    "db_tail_bytes": Setting(65536, int, 0, 16 * 1024 * 1024,
+                             "bytes of each attempt's output kept in the database: what `show` "
+                             "prints, and `logs` on a host other than the one that ran it"),
 }
 # Names used by earlier queuectl designs that users still type.
 ALIASES = {

@@ -275,7 +275,8 @@ class Queue:
         started = outcome.started_at if outcome.started_at is not None else job["started_at"]
         finished = outcome.finished_at if outcome.finished_at is not None else now
         if not self.store.record_outcome(job["seq"], worker_id, state, now, started, finished,
-                                         outcome.exit_code, outcome.tail, error, run_at):
+                                         outcome.exit_code, outcome.tail, error, run_at,
+                                         log_location=getattr(outcome, "log_location", None)):
             return "lost"
         if state != "completed":  # a completed job's row is its last run's record
             self.store.add_run(job["id"], job["attempts"], worker_id, started, finished,

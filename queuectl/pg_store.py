@@ -327,14 +327,18 @@ class PgStore:
 
     def record_outcome(self, seq: int, worker_id: str, state: str, now: float, started_at: float,
                        finished_at: float, exit_code: Optional[int], tail: str,
-                       error: Optional[str], run_at: Optional[float]) -> int:
+                       error: Optional[str], run_at: Optional[float],
+                       log_location: Optional[str] = None) -> int:
+        if "\x00" in tail:  # text columns cannot hold NUL; a job may well print one
+            tail = tail.replace("\x00", "\ufffd")
         return self._execute(
             "UPDATE jobs SET state = %s, started_at = %s, finished_at = %s, updated_at = %s, "
             "lease_until = NULL, job_pid = NULL, job_pid_start = NULL, exit_code = %s, "
-            "output_tail = %s, last_error = %s, run_at = coalesce(%s, run_at) "
+            "output_tail = %s, last_error = %s, run_at = coalesce(%s, run_at), "
+            "log_location = coalesce(%s, log_location) "
             "WHERE seq = %s AND state = 'processing' AND worker_id = %s",
-            (state, started_at, finished_at, now, exit_code, tail, error, run_at, seq,
-             worker_id)).rowcount
+            (state, started_at, finished_at, now, exit_code, tail, error, run_at, log_location,
+             seq, worker_id)).rowcount
 
     def add_run(self, job_id: str, attempt: int, worker_id: Optional[str],
                 started_at: Optional[float], finished_at: float, exit_code: Optional[int],

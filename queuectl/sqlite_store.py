@@ -142,7 +142,7 @@ class SqliteStore:
 
     def record_outcome(self, seq: int, worker_id: str, state: str, now: float, started_at: float,
                        finished_at: float, exit_code: "int | None", tail: str, error: "str | None",
-                       run_at: "float | None") -> int:
+                       run_at: "float | None", log_location: "str | None" = None) -> int:
         """A finished run's result, if the job is still ours (processing, our worker_id).
 
         update_job does the same in general; this fixed statement, by rowid, is on every
@@ -151,9 +151,9 @@ class SqliteStore:
         return self.conn.execute(
             "UPDATE jobs SET state = ?, started_at = ?, finished_at = ?, updated_at = ?, "
             "lease_until = NULL, job_pid = NULL, job_pid_start = NULL, exit_code = ?, output_tail = ?, "
-            "last_error = ?, run_at = coalesce(?, run_at) "
+            "last_error = ?, run_at = coalesce(?, run_at), log_location = coalesce(?, log_location) "
             "WHERE seq = ? AND state = 'processing' AND worker_id = ?",
-            (state, started_at, finished_at, now, exit_code, tail, error, run_at, seq,
+            (state, started_at, finished_at, now, exit_code, tail, error, run_at, log_location, seq,
              worker_id)).rowcount
 
     def add_run(self, job_id: str, attempt: int, worker_id: "str | None", started_at: "float | None",

@@ -91,8 +91,11 @@ class Store(Protocol):
 
     def record_outcome(self, seq: int, worker_id: str, state: str, now: float, started_at: float,
                        finished_at: float, exit_code: Optional[int], tail: str,
-                       error: Optional[str], run_at: Optional[float]) -> int:
-        """A finished run's result if the job is still ours (processing, our worker_id)."""
+                       error: Optional[str], run_at: Optional[float],
+                       log_location: Optional[str] = None) -> int:
+        """A finished run's result if the job is still ours (processing, our worker_id).
+        ``log_location`` ("host:path" of the full log; None keeps the old value) is where
+        `logs` on another host sends the user: the database only has ``tail``."""
 
     def add_run(self, job_id: str, attempt: int, worker_id: Optional[str],
                 started_at: Optional[float], finished_at: float, exit_code: Optional[int],

@@ -365,12 +365,15 @@ class Worker:
             return None
 
         env = {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"])}
-        return executor.run_job(job["command"], bool(job["argv"]), job["cwd"],
-                                self.paths.job_log_name(job["id"]), job["id"], job["attempts"],
-                                self.worker_id, queue.job_timeout(job), env,
-                                wake_fds=(self.listener.fileno(), self._sig_r), on_event=on_event,
-                                tick=HEARTBEAT_EVERY, on_start=on_start,
-                                first_tick=HOLD_LIMIT if self.held or self.done else None)
+        log_path = self.paths.job_log_name(job["id"])
+        outcome = executor.run_job(job["command"], bool(job["argv"]), job["cwd"], log_path,
+                                   job["id"], job["attempts"], self.worker_id, queue.job_timeout(job),
+                                   env, wake_fds=(self.listener.fileno(), self._sig_r),
+                                   on_event=on_event, tick=HEARTBEAT_EVERY, on_start=on_start,
+                                   first_tick=HOLD_LIMIT if self.held or self.done else None,
+                                   tail_bytes=queue.settings()["db_tail_bytes"])
+        outcome.log_location = f"{self.host}:{log_path}"  # logs stay here; others are told where
+        return outcome
 
     def _log_outcome(self, job: Dict[str, Any], outcome: executor.Outcome, state: str) -> None:
         if state == "completed":

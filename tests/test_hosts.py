@@ -184,3 +184,38 @@ def test_a_worker_that_cannot_renew_its_lease_kills_its_run_before_the_lease_end
     states, _ = queue.settle([(job, outcome)], worker.worker_id)
     assert states == ["lost"]
     assert queue.get("long")["last_error"] == "worker died (lease expired)"
+
+
+def test_logs_on_another_host_print_the_stored_tail_and_say_where_the_log_is(hosts):
+    a, b = hosts("a"), hosts("b")
+    big = "python3 -c \"import sys; [print('line', i) for i in range(20000)]\""  # ~200 KB
+    a.run("add", "--id", "big", big)
+    a.run("add", "--id", "small", "echo hello from a")
+    a.start(1)
+    assert a.run("wait", "big", "small", "--timeout", "30").returncode == 0
+    a.run("worker", "stop")
+    log_a = Paths(a.home).job_log("small")
+
+    here = a.run("logs", "small")  # on its own host: the file, as ever
+    assert "hello from a" in here.stdout and "=== queuectl job small attempt 1" in here.stdout
+    there = b.run("logs", "small")
+    assert there.stdout == "hello from a\n"
+    assert f"a:{log_a}" in there.stderr and "kept in the database" in there.stderr
+    assert f"log file:    a:{log_a}" in b.run("show", "small").stdout
+    assert json.loads(b.run("show", "small", "--json").stdout)["log_file"] == f"a:{log_a}"
+
+    tail = b.run("logs", "big").stdout  # the last 64 KiB (db_tail_bytes), cut at a line
+    assert tail.startswith("…line ") and tail.endswith("line 19999\n")
+    assert 60_000 < len(tail.encode()) <= 65536 + 3
+    assert b.run("logs", "big", "--tail", "2").stdout == "line 19998\nline 19999\n"
+    assert len(b.run("show", "big").stdout) < 6000  # show prints only the last 4 KiB of it
+    assert "attempt 1 is in the log at" not in b.run("logs", "big", "--attempt", "1").stderr
+    refused = b.run("logs", "big", "--attempt", "2", ok=False)
+    assert refused.returncode == 1 and f"a:{Paths(a.home).job_log('big')}" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+    a.run("config", "set", "db_tail_bytes", "100")
+    a.run("add", "--id", "trimmed", big)
+    a.start(1)
+    assert a.run("wait", "trimmed", "--timeout", "30").returncode == 0
+    assert len(b.run("logs", "trimmed").stdout.encode()) <= 104
