@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from queuectl import config as cfg
-from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound
+from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound, QueueError
 from queuectl.jobspec import validate_id
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +55,13 @@ class Queue:
         """Effective settings, re-read at most once a second (workers call this per job)."""
         now = time.monotonic()
         if fresh or self._settings is None or now - self._settings_at > 1.0:
-            self._settings = cfg.effective(self.store.config_items(), self.overrides)
+            try:
+                self._settings = cfg.effective(self.store.config_items(), self.overrides)
+            except QueueError:
+                if self._settings is None:
+                    raise
+                # Unreachable storage: a worker supervising a run needs its lease length
+                # now; the settings it had do until they can be read again.
             self._settings_at = now
         return self._settings
 
@@ -334,8 +340,8 @@ class Queue:
     def recover(self, worker_alive: Callable[[str], bool],
                 kill_orphan: Optional[Callable[[int, Optional[int]], None]] = None,
                 kill_run: Optional[Callable[[str, int], None]] = None,
-                run_result: Optional[Callable[[str, int, str], "tuple[bool, bool, Optional[str]]"]] = None
-                ) -> Dict[str, str]:
+                run_result: Optional[Callable[[str, int, str], "tuple[bool, bool, Optional[str]]"]] = None,
+                local: Optional[Callable[[str], bool]] = None) -> Dict[str, str]:
         """Settle the jobs whose worker died (process gone or lease expired).
 
         Before a job goes back, its abandoned run is killed so two runs never overlap:
@@ -347,6 +353,8 @@ class Queue:
         worker is gone), and a run that finished before its worker could record it (a worker
         records short jobs a few at a time) gets its real result instead of running again.
         Otherwise the job returns to the retry path as "worker died".
+        ``local(worker_id)`` says whether a worker ran on this host: a recorded pid means
+        nothing on another host, so ``kill_orphan`` is only used for local ones.
         Returns {job id: what became of it}: its new state, or "released" (never started).
         """
         now = self.clock()
@@ -363,7 +371,7 @@ class Queue:
                 reason = "worker died (lease expired)"
             else:
                 continue
-            if kill_orphan and row["job_pid"]:
+            if kill_orphan and row["job_pid"] and (local is None or local(worker_id)):
                 kill_orphan(row["job_pid"], row["job_pid_start"])
             if kill_run:
                 kill_run(row["id"], row["attempts"])

@@ -105,7 +105,10 @@ class Worker:
         except BlockingIOError:
             pass
         self.listener.drain()
-        self.queue.settings(fresh=True)  # a wake-up may be a config change: it applies now
+        try:
+            self.queue.settings(fresh=True)  # a wake-up may be a config change: it applies now
+        except QueueError:
+            pass  # a lost connection wakes us too; the cached settings do until it is back
         # ... or a stop request through the registry: beat soon to see it.
         self._next_beat = min(self._next_beat, self._last_beat + BEAT_GAP)
 
@@ -208,9 +211,9 @@ class Worker:
                                                     claim=0 if self.stopping else claim)
                 break
             except QueueError as exc:
-                if attempt == 0 and self._outage_since is None:  # once, not once per try
-                    log.error("could not record the results of %d job(s): %s; retrying",
-                              len(done) + len(back), exc)
+                if attempt == 0:  # once per outage, not once per try
+                    self._unreachable(exc, f" (could not record the results of "
+                                           f"{len(done) + len(back)} job(s))")
                 if attempt + 1 < tries:
                     time.sleep(min(0.1 * (attempt + 1), 2.0))
         else:
@@ -247,14 +250,14 @@ class Worker:
             if level >= 2:
                 self.force = True
 
-    def _unreachable(self, exc: Exception) -> float:
-        """Note a storage error (logged once per outage, not per try); the seconds to wait
-        before the next try: 1, 2, 4, ... up to BACKOFF_MAX."""
+    def _unreachable(self, exc: Exception, doing: str = "") -> float:
+        """Note a storage error (logged once per outage, not per try; ``doing`` says what
+        failed); the seconds to wait before the next try: 1, 2, 4, ... up to BACKOFF_MAX."""
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             self._outage_tries = 0
-            log.error("database unavailable: %s; retrying (every %g s at most) until it is back",
-                      _strip_prefix(str(exc)), BACKOFF_MAX)
+            log.error("database unavailable%s: %s; retrying (every %g s at most) until it is back",
+                      doing, _strip_prefix(str(exc)), BACKOFF_MAX)
         delay = min(2.0 ** self._outage_tries, BACKOFF_MAX)
         self._outage_tries += 1
         return delay
@@ -329,10 +332,8 @@ class Worker:
                     # (abandoning it would leave it unwatched and get the same attempt started
                     # again) while our lease lasts; then kill it (fencing), because another
                     # host may recover the job and start it again once the lease is over.
-                    if self._outage_since is None:
-                        log.error("job %s: heartbeat failed (%s); still running it while its "
-                                  "lease lasts", job["id"], exc)
-                    self._unreachable(exc)
+                    self._unreachable(exc, f" (job {job['id']}: heartbeat failed; still running "
+                                           "it while its lease lasts)")
                     if pid is not None:
                         started["pid_sent"] = False  # send the pid again with the next beat
                     if time.time() >= job["lease_until"] - min(FENCE_MARGIN, self.queue.settings()

@@ -232,7 +232,12 @@ def recover_dead_workers_jobs(queue: Any, paths: Paths, own_worker_id: Optional[
         started, result = joblog.attempt_status(paths.job_log(job_id), attempt, worker_id)
         return started, result is not None, None if result == joblog.OK_RESULT else result
 
-    return queue.recover(alive, executor.kill_orphan_group, kill_run, run_result)
+    host = host_name()
+
+    def local(worker_id: str) -> bool:
+        return worker_id.rsplit(":", 2)[0] == host
+
+    return queue.recover(alive, executor.kill_orphan_group, kill_run, run_result, local=local)
 
 
 def _worker_argv(paths: Paths, options: Sequence[str]) -> List[str]:

@@ -147,11 +147,16 @@ def test_a_silent_worker_of_another_host_shows_as_gone_then_is_forgotten(hosts):
 
 
 def test_a_worker_that_cannot_renew_its_lease_kills_its_run_before_the_lease_ends(
-        home, queue, mocker, tmp_path):
+        home, queue, mocker, tmp_path, monkeypatch):
     """Fencing, in-process: every heartbeat raises; the run (a process group) is killed
     while the lease lasts, and its late result is dropped once the job was recovered."""
     from queuectl.jobspec import parse_job
     from queuectl.worker import Worker
+
+    # run_job sets these in os.environ (a worker's own); undone at teardown so that later
+    # tests' processes do not look like this job's run to recovery.
+    for name in ("QUEUECTL_JOB_ID", "QUEUECTL_ATTEMPT"):
+        monkeypatch.setenv(name, "unset-by-teardown")
 
     queue.config_set("lease_seconds", 2)
     marker = tmp_path / "child-pid"
