@@ -92,6 +92,7 @@ def _queue(durable: bool = True):
     return Queue(open_store(_paths(), "cli" if durable else "reader"))
 
 
+SHOW_TAIL_CHARS = 4096  # what `show` prints of the stored output tail (`logs` prints it all)
 NO_WORKERS_NOTE = "note: no workers are running; start them with: queuectl worker start"
 PAUSED_NOTE = "note: the queue is paused; 'queuectl resume' to continue"
 
@@ -99,9 +100,9 @@ PAUSED_NOTE = "note: the queue is paused; 'queuectl resume' to continue"
 def _notes(queue: Any) -> List[str]:
     """Why jobs may not run soon: no live worker, or the queue is paused.
 
-    The ONE place that decides whether a worker runs (today: this host's PID files; later a
-    registry in the database). It stays cheap because `add` calls it: with no PID file at
-    all there is no worker, decided without importing the launcher.
+    The ONE place that decides whether a worker runs: this host's PID files, else a live
+    worker of any host in the database's registry. It stays cheap because `add` calls it:
+    a PID file is checked without importing the launcher, the registry is one read.
     """
     notes = []
     paths = _paths()
@@ -114,6 +115,8 @@ def _notes(queue: Any) -> List[str]:
         from queuectl import worker_launcher
 
         running = bool(worker_launcher.list_workers(paths, clean=False))
+    if not running:
+        running = any(not row["gone"] for row in queue.registry())
     if not running:
         notes.append(NO_WORKERS_NOTE)
     if queue.paused():
@@ -708,14 +711,21 @@ def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool) -> N
 @click.option("--wait", "wait_s", default=10.0, show_default=True, type=float,
               help="Seconds to wait for workers to finish their current job and exit.")
 @click.option("--force", is_flag=True, help="Kill running jobs (they go back to the retry path).")
-def worker_stop(wait_s: float, force: bool) -> None:
-    """Stop every live worker: SIGTERM, each finishes its current job and exits.
+@click.option("--all-hosts", is_flag=True,
+              help="Ask every host's workers to stop, through the database.")
+def worker_stop(wait_s: float, force: bool, all_hosts: bool) -> None:
+    """Stop every live worker of this host: SIGTERM, each finishes its current job and exits.
 
     Stale PID files (dead process, or a PID now used by another program) are removed and
-    never signalled.
+    never signalled. --all-hosts asks every registered worker of every host through the
+    database instead (each sees it within about a second, then stops as on SIGTERM, or as
+    --force), and waits up to --wait for them to be gone.
     """
     from queuectl import worker_launcher
 
+    if all_hosts:
+        _stop_all_hosts(wait_s, force)
+        return
     report = worker_launcher.stop_workers(_paths(), wait=wait_s, force=force)
     if not report.signalled:
         click.echo("No running workers.")
@@ -730,17 +740,44 @@ def worker_stop(wait_s: float, force: bool) -> None:
                    "(they exit when it ends; --force kills the job)")
 
 
-def _worker_rows() -> List[Dict[str, Any]]:
+def _stop_all_hosts(wait_s: float, force: bool) -> None:
+    """worker stop --all-hosts: set the registry's stop flag, wait for the rows to go."""
+    queue = _queue()
+    asked = queue.request_stop(force=force)
+    if not asked:
+        click.echo("No running workers.")
+        return
+    hosts = sorted({worker_id.rsplit(":", 2)[0] for worker_id in asked})
+    click.echo(f"Stop requested{' (forced)' if force else ''} through the database for "
+               f"{len(asked)} worker(s) on {len(hosts)} host(s): {', '.join(hosts)}")
+    deadline = time.monotonic() + max(wait_s, 0)
+    while True:
+        left = {row["worker_id"] for row in queue.registry() if not row["gone"]} & set(asked)
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    click.echo(f"Stopped: {len(asked) - len(left)}")
+    if left:
+        click.echo(f"Still running (they exit when their current job ends"
+                   f"{'' if force else '; --force kills it'}): {', '.join(sorted(left))}")
+
+
+def _worker_rows(queue: Any = None) -> List[Dict[str, Any]]:
     from queuectl import worker_launcher
 
-    return worker_launcher.worker_rows(_paths(), lambda: _queue().processing())
+    queue = queue if queue is not None else _queue()
+    return worker_launcher.worker_rows(_paths(), queue.processing, registry=queue)
 
 
 @worker.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--wide", "-w", is_flag=True, help="Do not cut columns to the terminal width.")
 def worker_status(as_json: bool, wide: bool) -> None:
-    """List live workers: PID, idle/busy (with job id) or stopping, uptime."""
+    """List every host's workers: host, PID, idle/busy (with job id) or stopping, uptime.
+
+    This host's come from PID files (checked by PID); other hosts' from the database's
+    registry, where a worker that stopped beating shows once as "gone" and is forgotten.
+    """
     rows = _worker_rows()
     if as_json:
         _emit_json(rows)
@@ -748,8 +785,10 @@ def worker_status(as_json: bool, wide: bool) -> None:
     if not rows:
         click.echo("No running workers.")
         return
-    _table([[str(r["pid"]), r["state"], r["job"] or "-", format_duration(r["uptime"]), r["mode"]]
-            for r in rows], ["PID", "STATE", "JOB", "UPTIME", "MODE"], shrink=(2,), wide=wide)
+    _table([[r["host"], str(r["pid"]), r["state"] + (" (stopping)" if r["stopping"] and r["state"] != "gone"
+                                                      else ""),
+             r["job"] or "-", format_duration(r["uptime"]), r["mode"]]
+            for r in rows], ["HOST", "PID", "STATE", "JOB", "UPTIME", "MODE"], shrink=(3,), wide=wide)
 
 
 # -- inspection --------------------------------------------------------------------------------
@@ -760,7 +799,7 @@ def status(as_json: bool) -> None:
     queue = _queue()
     counts = queue.counts()
     paused = queue.paused_since()
-    workers = _worker_rows()
+    workers = _worker_rows(queue)
     orphaned = sum(1 for alive in _workers_alive(queue.processing()).values() if not alive) \
         if counts["processing"] else 0
     if as_json:
@@ -779,8 +818,14 @@ def status(as_json: bool) -> None:
             if state == "processing" and orphaned else ""
         click.echo(f"  {label:<12}{counts[state]:>8}{note}")
     click.echo(f"  {'total':<12}{sum(counts.values()):>8}")
-    busy = sum(1 for w in workers if w["state"] == "busy")
-    click.echo(f"Workers: {len(workers)} running ({busy} busy, {len(workers) - busy} idle)")
+    live = [w for w in workers if w["state"] != "gone"]
+    busy = sum(1 for w in live if w["state"] == "busy")
+    hosts = len({w["host"] for w in live})
+    on_hosts = f" on {hosts} hosts" if hosts > 1 else ""
+    click.echo(f"Workers: {len(live)} running{on_hosts} ({busy} busy, {len(live) - busy} idle)")
+    gone = len(workers) - len(live)
+    if gone:
+        click.echo(f"  {gone} worker(s) of other hosts stopped beating (gone)")
 
 
 def _workers_alive(jobs: Sequence[Dict[str, Any]]) -> Dict[str, bool]:
@@ -855,8 +900,9 @@ def show(job_id: str, as_json: bool) -> None:
     info = _queue().details(job_id)
     info["worker_alive"] = (_workers_alive([info])[info["id"]] if info["state"] == "processing"
                             else None)
+    log_file = _log_elsewhere(info) or str(_paths().job_log(info["id"]))
     if as_json:
-        info["log_file"] = str(_paths().job_log(info["id"]))
+        info["log_file"] = log_file
         _emit_json(_public(info))
         return
     command = info["command"]
@@ -892,7 +938,7 @@ def show(job_id: str, as_json: bool) -> None:
         lines.append(("unique key", info["unique_key"]))
     lines.append(("exit code", _exit_text(info["exit_code"])))
     lines.append(("last error", info["last_error"] or "-"))
-    lines.append(("log file", str(_paths().job_log(info["id"]))))
+    lines.append(("log file", log_file))
     for name, value in lines:
         click.echo(f"{name + ':':<12} {value}")
     if info["runs"]:
@@ -911,7 +957,10 @@ def show(job_id: str, as_json: bool) -> None:
                        f"{format_duration(took):>7}  {result}")
     if info["output_tail"]:
         click.echo("output (tail):")
-        for line in info["output_tail"].rstrip("\n").split("\n"):
+        tail = info["output_tail"]
+        if len(tail) > SHOW_TAIL_CHARS:  # the database keeps more for `logs` on other hosts
+            tail = "…" + tail[-SHOW_TAIL_CHARS:].split("\n", 1)[-1]
+        for line in tail.rstrip("\n").split("\n"):
             click.echo(f"  {line}")
 
 
@@ -998,6 +1047,51 @@ def _ctrl_c_exits_130(func: Any) -> Any:
     return wrapper
 
 
+def _log_elsewhere(job: Dict[str, Any]) -> Optional[str]:
+    """"host:path" of the job's log when its last recorded attempt ran on another host
+    (logs stay where they were written), else None."""
+    location = job.get("log_location")
+    if not location or ":" not in location:
+        return None
+    from queuectl import worker_launcher
+
+    host = location.split(":", 1)[0]
+    return location if host != worker_launcher.host_name() else None
+
+
+def _remote_logs(queue: Any, job: Dict[str, Any], location: str, follow: bool,
+                 attempt: Optional[int], tail_n: Optional[int]) -> None:
+    """`logs` on a host without the log file: the tail the database keeps of the last
+    recorded attempt's output, and (stderr) where the full log lives."""
+    from queuectl import joblog
+
+    if follow and job["state"] not in TERMINAL:
+        click.echo(f"note: job {job['id']} logs on another host ({location}); printing its "
+                   "stored output tail when it ends", err=True)
+        while job["state"] not in TERMINAL:
+            time.sleep(0.2)
+            job = queue.get(job["id"])
+        location = _log_elsewhere(job) or location
+    if attempt is not None and attempt != job["attempts"]:
+        raise InvalidInput(f"the database keeps only the last attempt's output of job {job['id']!r} "
+                           f"(attempt {job['attempts']}); attempt {attempt} is in the log at {location}")
+    data = (job["output_tail"] or "").encode("utf-8", "replace")
+    if tail_n is not None:
+        data = joblog.tail_lines(data, tail_n)
+    click.echo(f"note: the full log is on another host: {location}; this is the last "
+               f"{format_bytes(queue.settings()['db_tail_bytes'])} of attempt {job['attempts']}'s "
+               "output, kept in the database", err=True)
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    if follow and job["state"] != "completed":
+        click.echo(f"job {job['id']} ended {job['state']}", err=True)
+        sys.exit(1)
+
+
+def format_bytes(count: int) -> str:
+    return f"{count // 1024} KiB" if count >= 1024 and count % 1024 == 0 else f"{count} bytes"
+
+
 @cli.command()
 @click.argument("job_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job's run ends.")
@@ -1025,6 +1119,10 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
     job = queue.get(job_id)
     path = _paths().job_log(job["id"])
     out = sys.stdout.buffer
+    elsewhere = _log_elsewhere(job)
+    if elsewhere:
+        _remote_logs(queue, job, elsewhere, follow, attempt, tail_n)
+        return
     if attempt is not None or not follow:
         if attempt is None and tail_n is not None:
             data = joblog.read_last_lines(path, tail_n)[0]

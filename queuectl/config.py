@@ -35,6 +35,9 @@ SETTINGS: Dict[str, Setting] = {
                              "(worker frozen or gone) returns to the retry path", seconds=True),
     "capture_env": Setting(True, bool, 0, 1, "jobs run with the environment of the command that "
                            "enqueued them (false: the worker's environment)"),
+    "db_tail_bytes": Setting(65536, int, 0, 16 * 1024 * 1024,
+                             "bytes of each attempt's output kept in the database: what `show` "
+                             "prints, and `logs` on a host other than the one that ran it"),
 }
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 # Names used by earlier queuectl designs that users still type.

@@ -107,8 +107,9 @@ def public_job(job: Dict[str, Any], with_output: bool = True) -> Dict[str, Any]:
 
 
 def worker_rows(paths: Paths, queue: Queue) -> List[Dict[str, Any]]:
-    """Live workers; PID files are read without cleaning stale ones: a GET changes nothing."""
-    return worker_launcher.worker_rows(paths, queue.processing, clean=False)
+    """Every host's workers; neither stale PID files nor gone registry rows are cleaned:
+    a GET changes nothing."""
+    return worker_launcher.worker_rows(paths, queue.processing, clean=False, registry=queue)
 
 
 def live_output(paths: Paths, job_id: str) -> str:

@@ -93,6 +93,22 @@ MIGRATIONS: "list[str]" = [
     ALTER TABLE jobs ADD COLUMN env_id INTEGER;          -- NULL: the worker's own environment
     ALTER TABLE jobs ADD COLUMN retry_base INTEGER NOT NULL DEFAULT 0;
     """,
+    # Workers on many hosts (issue "Scale-out"): a registry every worker writes at start,
+    # beats every few seconds and removes at a clean exit, so any host can list them and ask
+    # them to stop; and where a job's full log lives ("host:path"), since logs stay on the
+    # host that ran the attempt.
+    """
+    CREATE TABLE workers (
+        worker_id      TEXT    PRIMARY KEY,             -- host:pid:start
+        host           TEXT    NOT NULL,
+        pid            INTEGER NOT NULL,
+        started_at     REAL    NOT NULL,
+        heartbeat_at   REAL    NOT NULL,
+        mode           TEXT    NOT NULL DEFAULT '',
+        stop_requested INTEGER NOT NULL DEFAULT 0       -- 1 graceful, 2 forced
+    ) WITHOUT ROWID;
+    ALTER TABLE jobs ADD COLUMN log_location TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -45,6 +45,7 @@ class Outcome:
     # batches short jobs), and these keep the recorded times those of the run itself.
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
+    log_location: Optional[str] = None  # "host:path" of the full log (the worker sets it)
 
     @property
     def ok(self) -> bool:
@@ -94,7 +95,8 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
             attempt: int, worker_id: str, timeout: Optional[float], env: "dict[str, str]",
             wake_fds: Sequence[int] = (), on_event: Optional[Callable[[bool], Abort]] = None,
             tick: float = 1.0, on_start: Optional[Callable[[subprocess.Popen], None]] = None,
-            first_tick: Optional[float] = None, base_env: "Optional[dict]" = None) -> Outcome:
+            first_tick: Optional[float] = None, base_env: "Optional[dict]" = None,
+            tail_bytes: int = joblog.TAIL_BYTES) -> Outcome:
     """Run to completion, calling ``on_event(woken)`` when a wake fd is readable, after
     ``first_tick`` (default ``tick``) and then every ``tick``.
 
@@ -112,7 +114,7 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
         except OSError as exc:
             message = _start_error(exc, command, argv, cwd)
             os.write(fd, f"queuectl: {message}\n".encode())
-            outcome = Outcome(None, message, joblog.tail_of(fd, offset))
+            outcome = Outcome(None, message, joblog.tail_of(fd, offset, tail_bytes))
         else:
             try:
                 if on_start:
@@ -122,7 +124,7 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
                 terminate_group(proc)  # never leave a run unsupervised behind an error
                 raise
             code = proc.returncode
-            tail = joblog.tail_of(fd, offset)
+            tail = joblog.tail_of(fd, offset, tail_bytes)
             if abort is not None:
                 reason, cancelled = abort
                 os.write(fd, f"\nqueuectl: {reason}\n".encode())
@@ -186,6 +188,11 @@ def terminate_group(proc: subprocess.Popen, grace: float = KILL_GRACE) -> None:
         pass
     _killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a job's whole process group at once (fencing: no grace period)."""
+    _killpg(pgid, signal.SIGKILL)
 
 
 def _killpg(pgid: int, sig: int) -> None:

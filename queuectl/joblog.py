@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-TAIL_BYTES = 4096
+# The default of config db_tail_bytes: logs stay on the host that ran the attempt, so the
+# database keeps enough of each attempt's output for `logs` on any other host.
+TAIL_BYTES = 65536
 # What recovery reads back from the end of a log to learn how an attempt ended.
 STATUS_BYTES = 65536
 # "started" is part of the pattern: the result line below must never count as a header.

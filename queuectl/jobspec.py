@@ -18,7 +18,9 @@ MAX_SECONDS = 10 * 365 * 86400.0
 FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout", "cwd",
           "after", "unique_key", "env")
 # Set by the worker for every job; an explicit value would be overwritten, so it is refused.
-WORKER_VARS = ("QUEUECTL_HOME", "QUEUECTL_DB", "QUEUECTL_JOB_ID", "QUEUECTL_ATTEMPT")
+# Always the worker's, never taken from the enqueuer's environment (QUEUECTL_HOST: which
+# host a job runs on is the worker's fact, not the enqueuer's).
+WORKER_VARS = ("QUEUECTL_HOME", "QUEUECTL_DB", "QUEUECTL_HOST", "QUEUECTL_JOB_ID", "QUEUECTL_ATTEMPT")
 MAX_ENV_BYTES = 1_000_000
 # Accepted for compatibility with the job records of earlier designs; only "new job" values pass.
 LEGACY_FIELDS = ("state", "attempts", "created_at", "updated_at")

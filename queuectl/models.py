@@ -10,8 +10,8 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping,
                     Sequence)
 
 from queuectl import config as cfg
-from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound
-from queuectl.jobspec import validate_id
+from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound, QueueError
+from queuectl.jobspec import WORKER_VARS, validate_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from queuectl.store import Store
@@ -20,8 +20,7 @@ STATES = ("pending", "processing", "completed", "failed", "dead", "cancelled")
 WAITING = ("pending", "failed")             # may still be claimed
 ACTIVE = ("pending", "failed", "processing")
 TERMINAL = ("completed", "dead", "cancelled")
-# Always set by the worker that runs a job, never taken from the enqueuer's environment.
-WORKER_VARS = ("QUEUECTL_HOME", "QUEUECTL_DB", "QUEUECTL_JOB_ID", "QUEUECTL_ATTEMPT")
+GONE_MIN = 10.0  # seconds: the shortest silence after which a registered worker counts as gone
 
 
 def backoff_delay(attempts: int, base: float, cap: float) -> float:
@@ -88,7 +87,13 @@ class Queue:
         """Effective settings, re-read at most once a second (workers call this per job)."""
         now = time.monotonic()
         if fresh or self._settings is None or now - self._settings_at > 1.0:
-            self._settings = cfg.effective(self.store.config_items(), self.overrides)
+            try:
+                self._settings = cfg.effective(self.store.config_items(), self.overrides)
+            except QueueError:
+                if self._settings is None:
+                    raise
+                # Unreachable storage: a worker supervising a run needs its lease length
+                # now; the settings it had do until they can be read again.
             self._settings_at = now
         return self._settings
 
@@ -395,7 +400,8 @@ class Queue:
         started = outcome.started_at if outcome.started_at is not None else job["started_at"]
         finished = outcome.finished_at if outcome.finished_at is not None else now
         if not self.store.record_outcome(job["seq"], worker_id, state, now, started, finished,
-                                         outcome.exit_code, outcome.tail, error, run_at):
+                                         outcome.exit_code, outcome.tail, error, run_at,
+                                         log_location=getattr(outcome, "log_location", None)):
             return "lost"
         if state != "completed":  # a completed job's row is its last run's record
             self.store.add_run(job["id"], job["attempts"], worker_id, started, finished,
@@ -443,6 +449,8 @@ class Queue:
         with self.store.transaction():
             ours = bool(self.store.update_job(job["id"], fields, states=("processing",),
                                               worker_id=worker_id))
+        if ours:  # the lease as last renewed: a worker that can no longer renew it stops there
+            job["lease_until"] = fields["lease_until"]
         return ours, ours and self.cancel_requested(job["id"])
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -453,7 +461,8 @@ class Queue:
                 kill_orphan: Optional[Callable[[int, Optional[int]], None]] = None,
                 kill_run: Optional[Callable[[str, int], None]] = None,
                 run_result: Optional[Callable[[str, int, str], "tuple[bool, bool, Optional[str]]"]] = None,
-                interrupted: Optional[Callable[[str, int], None]] = None) -> Dict[str, str]:
+                interrupted: Optional[Callable[[str, int], None]] = None,
+                local: Optional[Callable[[str], bool]] = None) -> Dict[str, str]:
         """Settle the jobs whose worker died (process gone or lease expired).
 
         Before a job goes back, its abandoned run is killed so two runs never overlap:
@@ -467,6 +476,8 @@ class Queue:
         Otherwise the job returns to the retry path as "worker died": that run is recorded as
         ending at its last heartbeat (lease_until - lease_seconds), when it was last known to
         run, and ``interrupted(job_id, attempt)`` closes its log.
+        ``local(worker_id)`` says whether a worker ran on this host: a recorded pid means
+        nothing on another host, so ``kill_orphan`` is only used for local ones.
         Returns {job id: what became of it}: its new state, or "released" (never started).
         """
         now = self.clock()
@@ -483,7 +494,7 @@ class Queue:
                 reason = "worker died (lease expired)"
             else:
                 continue
-            if kill_orphan and row["job_pid"]:
+            if kill_orphan and row["job_pid"] and (local is None or local(worker_id)):
                 kill_orphan(row["job_pid"], row["job_pid_start"])
             if kill_run:
                 kill_run(row["id"], row["attempts"])
@@ -535,6 +546,56 @@ class Queue:
         if found is None:
             return None
         return json.loads(found[0]), found[1]
+
+    # -- worker registry ------------------------------------------------------------------
+    def worker_gone_after(self) -> float:
+        """Seconds without a registry beat after which a worker counts as gone: three leases
+        (a worker beats every few seconds), never under GONE_MIN so a slow beat is no death."""
+        return max(3 * self.settings()["lease_seconds"], GONE_MIN)
+
+    def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
+                        mode: str) -> None:
+        with self.store.transaction():
+            self.store.register_worker(worker_id, host, pid, started_at, mode, self.clock())
+
+    def worker_beat(self, worker_id: str, host: str, pid: int, started_at: float,
+                    mode: str) -> int:
+        """Renew our registry row (re-creating it if it was forgotten during an outage) and
+        forget the rows of workers gone long ago; returns the stop level asked of us."""
+        now = self.clock()
+        with self.store.transaction():
+            level = self.store.beat_worker(worker_id, now)
+            if level is None:
+                self.store.register_worker(worker_id, host, pid, started_at, mode, now)
+                level = 0
+            self.store.forget_workers(now - 2 * self.worker_gone_after())
+        return level
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self.store.transaction():
+            self.store.unregister_worker(worker_id)
+
+    def registry(self) -> List[Dict[str, Any]]:
+        """Every registered worker, each with ``gone``: its beat is older than
+        worker_gone_after (a worker on another host is dead only when it stops beating)."""
+        cutoff = self.clock() - self.worker_gone_after()
+        return [dict(row, gone=row["heartbeat_at"] < cutoff) for row in self.store.registered_workers()]
+
+    def forget_workers(self, worker_ids: Sequence[str]) -> None:
+        """Drop the rows of workers known to be gone (a dead PID on this host, a stale beat)."""
+        if worker_ids:
+            with self.store.transaction():
+                for worker_id in worker_ids:
+                    self.store.unregister_worker(worker_id)
+
+    def request_stop(self, force: bool = False) -> List[str]:
+        """Ask every live registered worker, on every host, to stop (as SIGTERM would; forced:
+        as SIGUSR1). They see it at their next beat or wake-up; returns the ids asked."""
+        ids = [row["worker_id"] for row in self.registry() if not row["gone"]]
+        with self.store.transaction():
+            self.store.request_stop(2 if force else 1, ids)
+            self.store.wake()
+        return ids
 
     # -- operator side --------------------------------------------------------------------
     def get(self, job_id: str) -> Dict[str, Any]:

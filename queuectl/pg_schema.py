@@ -82,5 +82,19 @@ MIGRATIONS: List[str] = [
     ALTER TABLE jobs ADD COLUMN env_id bigint;          -- NULL: the worker's own environment
     ALTER TABLE jobs ADD COLUMN retry_base bigint NOT NULL DEFAULT 0;
     """,
+    # Workers on many hosts: the registry and where each job's full log lives (see the
+    # SQLite migration of the same purpose in queuectl/database.py).
+    """
+    CREATE TABLE workers (
+        worker_id      text    PRIMARY KEY,             -- host:pid:start
+        host           text    NOT NULL,
+        pid            bigint  NOT NULL,
+        started_at     double precision NOT NULL,
+        heartbeat_at   double precision NOT NULL,
+        mode           text    NOT NULL DEFAULT '',
+        stop_requested integer NOT NULL DEFAULT 0       -- 1 graceful, 2 forced
+    );
+    ALTER TABLE jobs ADD COLUMN log_location text;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

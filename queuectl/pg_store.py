@@ -127,6 +127,10 @@ class PgStore:
         self._failed = False     # a statement failed inside the open transaction
         self._wake_pending = False
         self._listeners: List["PgListener"] = []
+        # How long BEGIN keeps reconnecting: a worker must get control back within a second
+        # (it supervises a run whose lease it cannot renew, and has its own backoff); a CLI
+        # command rides out a short server restart.
+        self.begin_window = 1.0 if role == "worker" else 5.0
         self._connection()
         self._migrate()
 
@@ -340,14 +344,18 @@ class PgStore:
 
     def record_outcome(self, seq: int, worker_id: str, state: str, now: float, started_at: float,
                        finished_at: float, exit_code: Optional[int], tail: str,
-                       error: Optional[str], run_at: Optional[float]) -> int:
+                       error: Optional[str], run_at: Optional[float],
+                       log_location: Optional[str] = None) -> int:
+        if "\x00" in tail:  # text columns cannot hold NUL; a job may well print one
+            tail = tail.replace("\x00", "\ufffd")
         return self._execute(
             "UPDATE jobs SET state = %s, started_at = %s, finished_at = %s, updated_at = %s, "
             "lease_until = NULL, job_pid = NULL, job_pid_start = NULL, exit_code = %s, "
-            "output_tail = %s, last_error = %s, run_at = coalesce(%s, run_at) "
+            "output_tail = %s, last_error = %s, run_at = coalesce(%s, run_at), "
+            "log_location = coalesce(%s, log_location) "
             "WHERE seq = %s AND state = 'processing' AND worker_id = %s",
-            (state, started_at, finished_at, now, exit_code, tail, error, run_at, seq,
-             worker_id)).rowcount
+            (state, started_at, finished_at, now, exit_code, tail, error, run_at, log_location,
+             seq, worker_id)).rowcount
 
     def add_run(self, job_id: str, attempt: int, worker_id: Optional[str],
                 started_at: Optional[float], finished_at: float, exit_code: Optional[int],
@@ -449,6 +457,38 @@ class PgStore:
         left, started, finished = rows[0]
         return {"left": left, "started_at": started, "finished_at": finished}
 
+    # -- worker registry ------------------------------------------------------------------
+    def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
+                        mode: str, now: float) -> None:
+        self._execute(
+            "INSERT INTO workers (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested) "
+            "VALUES (%s, %s, %s, %s, %s, %s, 0) ON CONFLICT (worker_id) DO UPDATE SET "
+            "host = excluded.host, pid = excluded.pid, started_at = excluded.started_at, "
+            "heartbeat_at = excluded.heartbeat_at, mode = excluded.mode, stop_requested = 0",
+            (worker_id, host, pid, started_at, now, mode))
+
+    def beat_worker(self, worker_id: str, now: float) -> Optional[int]:
+        rows = self._rows("UPDATE workers SET heartbeat_at = %s WHERE worker_id = %s "
+                          "RETURNING stop_requested", (now, worker_id))
+        return int(rows[0][0]) if rows else None
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self._execute("DELETE FROM workers WHERE worker_id = %s", (worker_id,))
+
+    def registered_workers(self) -> List[Dict[str, Any]]:
+        return self._dicts("SELECT worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested "
+                           "FROM workers ORDER BY host, started_at, worker_id")
+
+    def forget_workers(self, beaten_before: float) -> int:
+        return self._execute("DELETE FROM workers WHERE heartbeat_at < %s", (beaten_before,)).rowcount
+
+    def request_stop(self, level: int, worker_ids: Optional[Sequence[str]] = None) -> int:
+        if worker_ids is None:
+            return self._execute("UPDATE workers SET stop_requested = greatest(stop_requested, %s)",
+                                 (level,)).rowcount
+        return self._execute("UPDATE workers SET stop_requested = greatest(stop_requested, %s) "
+                             "WHERE worker_id = ANY(%s)", (level, list(worker_ids))).rowcount
+
     # -- config and flags -----------------------------------------------------------------
     def config_items(self) -> Dict[str, str]:
         return dict(self._rows("SELECT key, value FROM config"))
@@ -495,7 +535,7 @@ class _Transaction:
             self.joined = True
             store._depth += 1
             return store
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + store.begin_window
         while True:
             conn = store._connection()
             try:

@@ -157,7 +157,7 @@ class SqliteStore:
 
     def record_outcome(self, seq: int, worker_id: str, state: str, now: float, started_at: float,
                        finished_at: float, exit_code: "int | None", tail: str, error: "str | None",
-                       run_at: "float | None") -> int:
+                       run_at: "float | None", log_location: "str | None" = None) -> int:
         """A finished run's result, if the job is still ours (processing, our worker_id).
 
         update_job does the same in general; this fixed statement, by rowid, is on every
@@ -166,9 +166,9 @@ class SqliteStore:
         return self.conn.execute(
             "UPDATE jobs SET state = ?, started_at = ?, finished_at = ?, updated_at = ?, "
             "lease_until = NULL, job_pid = NULL, job_pid_start = NULL, exit_code = ?, output_tail = ?, "
-            "last_error = ?, run_at = coalesce(?, run_at) "
+            "last_error = ?, run_at = coalesce(?, run_at), log_location = coalesce(?, log_location) "
             "WHERE seq = ? AND state = 'processing' AND worker_id = ?",
-            (state, started_at, finished_at, now, exit_code, tail, error, run_at, seq,
+            (state, started_at, finished_at, now, exit_code, tail, error, run_at, log_location, seq,
              worker_id)).rowcount
 
     def add_run(self, job_id: str, attempt: int, worker_id: "str | None", started_at: "float | None",
@@ -302,6 +302,43 @@ class SqliteStore:
                             (first_seq, last_seq))
         left, started, finished = rows[0]
         return {"left": left, "started_at": started, "finished_at": finished}
+
+    # -- worker registry ------------------------------------------------------------------
+    def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
+                        mode: str, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO workers (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested) "
+            "VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT(worker_id) DO UPDATE SET host = excluded.host, "
+            "pid = excluded.pid, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
+            "mode = excluded.mode, stop_requested = 0", (worker_id, host, pid, started_at, now, mode))
+
+    def beat_worker(self, worker_id: str, now: float) -> "int | None":
+        if not self.conn.execute("UPDATE workers SET heartbeat_at = ? WHERE worker_id = ?",
+                                 (now, worker_id)).rowcount:
+            return None
+        row = self.conn.execute("SELECT stop_requested FROM workers WHERE worker_id = ?",
+                                (worker_id,)).fetchone()
+        return int(row[0]) if row else None
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self.conn.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+
+    def registered_workers(self) -> "list[dict[str, Any]]":
+        return self._query("SELECT worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested "
+                           "FROM workers ORDER BY host, started_at, worker_id")
+
+    def forget_workers(self, beaten_before: float) -> int:
+        return self.conn.execute("DELETE FROM workers WHERE heartbeat_at < ?", (beaten_before,)).rowcount
+
+    def request_stop(self, level: int, worker_ids: "Sequence[str] | None" = None) -> int:
+        sql = "UPDATE workers SET stop_requested = max(stop_requested, ?)"
+        params: "list[Any]" = [level]
+        if worker_ids is not None:
+            if not worker_ids:
+                return 0
+            sql += f" WHERE worker_id IN ({', '.join('?' * len(worker_ids))})"
+            params.extend(worker_ids)
+        return self.conn.execute(sql, params).rowcount
 
     # -- config and flags -----------------------------------------------------------------
     def config_items(self) -> "dict[str, str]":

@@ -107,8 +107,11 @@ class Store(Protocol):
 
     def record_outcome(self, seq: int, worker_id: str, state: str, now: float, started_at: float,
                        finished_at: float, exit_code: Optional[int], tail: str,
-                       error: Optional[str], run_at: Optional[float]) -> int:
-        """A finished run's result if the job is still ours (processing, our worker_id)."""
+                       error: Optional[str], run_at: Optional[float],
+                       log_location: Optional[str] = None) -> int:
+        """A finished run's result if the job is still ours (processing, our worker_id).
+        ``log_location`` ("host:path" of the full log; None keeps the old value) is where
+        `logs` on another host sends the user: the database only has ``tail``."""
 
     def add_run(self, job_id: str, attempt: int, worker_id: Optional[str],
                 started_at: Optional[float], finished_at: float, exit_code: Optional[int],
@@ -158,6 +161,32 @@ class Store(Protocol):
         """Progress of the jobs with seq in [first_seq, last_seq] (a bulk enqueue's ids are
         its seqs): ``left`` not completed, earliest ``started_at``, latest ``finished_at``.
         By primary key, cheap enough to poll (benchmarks, progress probes)."""
+
+    # -- worker registry (every host's workers; local ones also have PID files) -------------
+    # A worker registers at start, beats every few seconds and unregisters at a clean exit.
+    # Rows of workers that died without unregistering are shown as gone once their beat is
+    # old and then forgotten; the rules (how old is gone) live in models.
+    def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
+                        mode: str, now: float) -> None:
+        """Insert or replace this worker's row (stop_requested cleared)."""
+
+    def beat_worker(self, worker_id: str, now: float) -> Optional[int]:
+        """Renew the row's heartbeat_at; returns its stop_requested (0 none, 1 graceful,
+        2 forced), or None when there is no row (forgotten while unreachable: register again)."""
+
+    def unregister_worker(self, worker_id: str) -> None: ...
+
+    def registered_workers(self) -> List[Dict[str, Any]]:
+        """Every row (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested),
+        ordered by host, then started_at."""
+
+    def forget_workers(self, beaten_before: float) -> int:
+        """Delete the rows whose last heartbeat is older than ``beaten_before``."""
+
+    def request_stop(self, level: int, worker_ids: Optional[Sequence[str]] = None) -> int:
+        """Set stop_requested = ``level`` (1 graceful, 2 forced; never lowered) on every row, or
+        on ``worker_ids``; returns how many rows were asked. Call ``wake()`` as well so idle
+        workers notice at once."""
 
     # -- config and flags ------------------------------------------------------------------
     def config_items(self) -> Dict[str, str]: ...

@@ -30,6 +30,17 @@ HEARTBEAT_EVERY = 1.0
 PREFETCH = 8        # jobs claimed at once while runs are short
 SHORT_JOB = 0.010   # seconds: a run this short lets the next claim take PREFETCH jobs
 HOLD_LIMIT = 0.020  # seconds: held jobs go back to the queue once a run takes this long
+# The registry row (every host's `worker status`, `worker stop --all-hosts`) is beaten this
+# often, not per job; after a wake-up (a stop request rings it) a beat comes sooner, at most
+# every BEAT_GAP, so a request is seen within about a second.
+REGISTRY_EVERY = 2.0
+BEAT_GAP = 0.25
+# Reconnecting after a storage error: wait 1 s, 2 s, 4 s, ... at most this long between tries.
+BACKOFF_MAX = 10.0
+# Fencing: a run whose lease could not be renewed is killed this long before the lease ends
+# (one heartbeat period, plus a heartbeat that itself hangs for up to a second, plus slack),
+# so it is gone before another host may recover the job and start it again.
+FENCE_MARGIN = 2.5
 
 log = logging.getLogger("queuectl.worker")
 
@@ -59,6 +70,12 @@ class Worker:
         self.batch = 1  # jobs the next claim may take
         self.own_env: Dict[str, str] = dict(os.environ)  # run() takes it again, with QUEUECTL_HOME
         self.envs: Dict[Any, Dict[str, str]] = {None: self.own_env}
+        self.host = worker_launcher.host_name()
+        self._next_beat = 0.0   # monotonic time of the next registry beat
+        self._last_beat = 0.0
+        self._stop_level = 0    # the stop level last seen in the registry
+        self._outage_since: Optional[float] = None  # storage unreachable since (monotonic)
+        self._outage_tries = 0
 
     # -- signals --------------------------------------------------------------------------
     def _on_stop(self, signum: int, _frame: Any) -> None:
@@ -91,7 +108,12 @@ class Worker:
         except BlockingIOError:
             pass
         self.listener.drain()
-        self.queue.settings(fresh=True)  # a wake-up may be a config change: it applies now
+        try:
+            self.queue.settings(fresh=True)  # a wake-up may be a config change: it applies now
+        except QueueError:
+            pass  # a lost connection wakes us too; the cached settings do until it is back
+        # ... or a stop request through the registry: beat soon to see it.
+        self._next_beat = min(self._next_beat, self._last_beat + BEAT_GAP)
 
     # -- main loop ------------------------------------------------------------------------
     def run(self) -> int:
@@ -101,6 +123,7 @@ class Worker:
             private_dir(directory)
         record = worker_launcher.write_pid_file(paths, self.pid, "foreground" if self.foreground else "detached")
         self.worker_id = record["worker_id"]
+        self.started_at, self.mode = float(record["started_at"]), str(record["mode"])
         os.environ["QUEUECTL_HOME"] = str(paths.home)  # every job sees it (set once, not per job)
         self.own_env = dict(os.environ)  # jobs enqueued without a captured environment get this
         self.envs: Dict[Any, Dict[str, str]] = {None: self.own_env}
@@ -111,6 +134,10 @@ class Worker:
         try:
             self._loop()
         finally:
+            try:
+                self.queue.unregister_worker(self.worker_id)
+            except QueueError:
+                pass  # its row goes stale and is shown as gone, then forgotten
             self.listener.close()
             worker_launcher.remove_pid_file(paths, self.pid)
             store.close()
@@ -121,6 +148,13 @@ class Worker:
         next_recovery = 0.0
         while not self.stopping:
             try:
+                if self._outage_since is not None:
+                    self._beat_registry(due=False)  # the probe: raises while still unreachable
+                    self._back_online()
+                else:
+                    self._beat_registry()
+                if self.stopping:
+                    break
                 if time.monotonic() >= next_recovery:
                     self._recover()
                     next_recovery = time.monotonic() + RECOVER_EVERY
@@ -132,9 +166,8 @@ class Worker:
                     self.held.appendleft(job)
                     break
                 self._run(job)
-            except QueueError as exc:  # storage trouble: say so, back off, keep going
-                log.error("%s", exc)
-                self._sleep(1.0)
+            except QueueError as exc:  # storage trouble: say so once, back off, keep going
+                self._sleep(self._unreachable(exc))
             except Exception:  # never let one bad job or bug kill the worker
                 log.exception("unexpected error in worker loop")
                 self._sleep(1.0)
@@ -183,7 +216,9 @@ class Worker:
                                                     claim=0 if self.stopping else claim)
                 break
             except QueueError as exc:
-                log.error("could not record the results of %d job(s): %s", len(done) + len(back), exc)
+                if attempt == 0:  # once per outage, not once per try
+                    self._unreachable(exc, f" (could not record the results of "
+                                           f"{len(done) + len(back)} job(s))")
                 if attempt + 1 < tries:
                     time.sleep(min(0.1 * (attempt + 1), 2.0))
         else:
@@ -205,6 +240,39 @@ class Worker:
                 log.info("job %s: not started; %s", job["id"],
                          "returned to the queue" if state == "released" else state)
 
+    def _beat_registry(self, due: bool = True) -> None:
+        """Renew our registry row every REGISTRY_EVERY (``due=False``: now) and act on a stop
+        asked through the database: 1 as SIGTERM, 2 as SIGUSR1."""
+        now = time.monotonic()
+        if due and now < self._next_beat:
+            return
+        self._last_beat, self._next_beat = now, now + REGISTRY_EVERY
+        level = self.queue.worker_beat(self.worker_id, self.host, self.pid, self.started_at, self.mode)
+        if level > self._stop_level:
+            self._stop_level = level
+            log.info("stop requested through the database%s", " (forced)" if level >= 2 else "")
+            self.stop_requests = max(self.stop_requests, 1)
+            if level >= 2:
+                self.force = True
+
+    def _unreachable(self, exc: Exception, doing: str = "") -> float:
+        """Note a storage error (logged once per outage, not per try; ``doing`` says what
+        failed); the seconds to wait before the next try: 1, 2, 4, ... up to BACKOFF_MAX."""
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            self._outage_tries = 0
+            log.error("database unavailable%s: %s; retrying (every %g s at most) until it is back",
+                      doing, _strip_prefix(str(exc)), BACKOFF_MAX)
+        delay = min(2.0 ** self._outage_tries, BACKOFF_MAX)
+        self._outage_tries += 1
+        return delay
+
+    def _back_online(self) -> None:
+        if self._outage_since is not None:
+            log.warning("database reachable again after %.1fs", time.monotonic() - self._outage_since)
+            self._outage_since = None
+            self._outage_tries = 0
+
     def _recover(self) -> None:
         found = worker_launcher.recover_dead_workers_jobs(self.queue, self.paths, self.worker_id)
         for job_id, state in found.items():
@@ -212,7 +280,8 @@ class Worker:
 
     def _wait_for_work(self, next_recovery: float) -> None:
         settings = self.queue.settings()
-        timeout = min(settings["poll_interval"], max(next_recovery - time.monotonic(), 0.0))
+        timeout = min(settings["poll_interval"], max(next_recovery - time.monotonic(), 0.0),
+                      max(self._next_beat - time.monotonic(), 0.0))
         if not self.queue.paused():
             due = self.queue.next_run_at()
             if due is not None:
@@ -289,15 +358,32 @@ class Worker:
                 try:
                     ours, cancel = queue.heartbeat(job, self.worker_id, pid, pid_start)
                 except QueueError as exc:
-                    # Disk full, I/O error...: keep supervising the run (abandoning it would
-                    # leave it unwatched and get the same attempt started again); if the
-                    # lease lapses meanwhile, recovery elsewhere and our next beat sort it out.
-                    log.error("job %s: heartbeat failed (%s); still running it", job["id"], exc)
+                    # Disk full, I/O error, database unreachable...: keep supervising the run
+                    # (abandoning it would leave it unwatched and get the same attempt started
+                    # again) while our lease lasts; then kill it (fencing), because another
+                    # host may recover the job and start it again once the lease is over.
+                    self._unreachable(exc, f" (job {job['id']}: heartbeat failed; still running "
+                                           "it while its lease lasts)")
                     if pid is not None:
                         started["pid_sent"] = False  # send the pid again with the next beat
+                    if time.time() >= job["lease_until"] - min(FENCE_MARGIN, self.queue.settings()
+                                                               ["lease_seconds"] / 2):
+                        proc = started["proc"]
+                        if proc is not None:  # SIGKILL now: no grace period past our lease
+                            executor.kill_group(proc.pid)
+                        log.warning("job %s: lease ran out while the database was unreachable; "
+                                    "run killed (its result will not count)", job["id"])
+                        return ("lease lost: the database was unreachable until the lease ran "
+                                "out; this run was killed", False)
                     ours, cancel = True, False
+                else:
+                    self._back_online()
                 if not ours:
                     return ("lease lost: the job was recovered elsewhere; this run was killed", False)
+                try:
+                    self._beat_registry()
+                except QueueError:
+                    pass  # the job's own heartbeat above tells whether storage is reachable
             elif woken:
                 try:
                     cancel = queue.cancel_requested(job["id"])
@@ -311,13 +397,16 @@ class Worker:
 
         base_env = self._environment(job.get("env_id"))
         env = {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"])}
-        return executor.run_job(job["command"], bool(job["argv"]), job["cwd"],
-                                self.paths.job_log_name(job["id"]), job["id"], job["attempts"],
-                                self.worker_id, queue.job_timeout(job), env,
-                                wake_fds=(self.listener.fileno(), self._sig_r), on_event=on_event,
-                                tick=HEARTBEAT_EVERY, on_start=on_start,
-                                first_tick=HOLD_LIMIT if self.held or self.done else None,
-                                base_env=base_env)
+        log_path = self.paths.job_log_name(job["id"])
+        outcome = executor.run_job(job["command"], bool(job["argv"]), job["cwd"], log_path,
+                                   job["id"], job["attempts"], self.worker_id, queue.job_timeout(job),
+                                   env, wake_fds=(self.listener.fileno(), self._sig_r),
+                                   on_event=on_event, tick=HEARTBEAT_EVERY, on_start=on_start,
+                                   first_tick=HOLD_LIMIT if self.held or self.done else None,
+                                   tail_bytes=queue.settings()["db_tail_bytes"],
+                                   base_env=base_env)
+        outcome.log_location = f"{self.host}:{log_path}"  # logs stay here; others are told where
+        return outcome
 
     def _log_outcome(self, job: Dict[str, Any], outcome: executor.Outcome, state: str) -> None:
         if state == "completed":
@@ -336,6 +425,10 @@ class Worker:
             log.warning("job %s: result dropped; the job was recovered by another worker", job["id"])
         else:
             log.info("job %s: %s (%s)", job["id"], state, outcome.error)
+
+
+def _strip_prefix(text: str) -> str:
+    return text[len("database unavailable: "):] if text.startswith("database unavailable: ") else text
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -18,6 +18,16 @@ from queuectl import executor, joblog
 from queuectl.paths import Paths, private_dir, private_file
 
 WORKER_MODULE = "queuectl.worker"
+HOST_ENV = "QUEUECTL_HOST"
+
+
+def host_name() -> str:
+    """This host's name in worker ids: ``$QUEUECTL_HOST``, else the machine's hostname.
+    The override lets several "hosts" share one machine (tests, containers sharing a
+    hostname); PID checks are only ever made for workers of this name."""
+    import socket
+
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 def pid_file(paths: Paths, pid: int) -> "os.PathLike[str]":
@@ -25,9 +35,7 @@ def pid_file(paths: Paths, pid: int) -> "os.PathLike[str]":
 
 
 def worker_id_for(pid: int, start: Optional[int]) -> str:
-    import socket
-
-    return f"{socket.gethostname()}:{pid}:{start if start is not None else 0}"
+    return f"{host_name()}:{pid}:{start if start is not None else 0}"
 
 
 def parse_worker_id(worker_id: str) -> "tuple[str, int, Optional[int]]":
@@ -160,37 +168,75 @@ def list_workers(paths: Paths, clean: bool = True) -> List[WorkerInfo]:
 
 
 def worker_rows(paths: Paths, processing: Callable[[], List[Dict[str, Any]]],
-                clean: bool = True) -> List[Dict[str, Any]]:
-    """Live workers with idle/busy and current job: the shape of ``worker status --json``.
+                clean: bool = True, registry: Optional[Any] = None) -> List[Dict[str, Any]]:
+    """Every host's workers with host, idle/busy and current job: the shape of
+    ``worker status --json``.
 
-    ``processing`` returns the jobs in state processing; it is only called when a worker lives.
+    This host's workers come from their PID files (validated by PID, as ever); with a
+    ``registry`` (a models.Queue) the database adds the other hosts' workers, each ``gone``
+    once its beat is older than Queue.worker_gone_after. Rows of this host whose PID is dead
+    are dropped (and forgotten, with ``clean``), like stale PID files; gone rows of other hosts
+    are shown once as state "gone" and forgotten. ``processing`` returns the jobs in state
+    processing; it is only called when a worker lives.
     """
     workers = list_workers(paths, clean=clean)
-    if not workers:
+    host = host_name()
+    registered = registry.registry() if registry is not None else []
+    by_id = {row["worker_id"]: row for row in registered}
+    local_ids = {info.worker_id for info in workers}
+    entries: List[Dict[str, Any]] = []
+    for info in workers:
+        row = by_id.get(info.worker_id, {})
+        entries.append({"host": host, "pid": info.pid, "started_at": info.started_at,
+                        "mode": info.mode, "worker_id": info.worker_id,
+                        "heartbeat_at": row.get("heartbeat_at"), "gone": False,
+                        "stopping": info.stopping or bool(row.get("stop_requested"))})
+    forget: List[str] = []
+    for row in registered:
+        if row["worker_id"] in local_ids:
+            continue
+        if row["host"] == host:  # ours to check by PID (maybe a worker of another home)
+            gone = not worker_alive(row["worker_id"])
+            if gone:
+                forget.append(row["worker_id"])
+                continue  # a dead local worker is not shown, as a stale PID file is not
+        else:
+            gone = row["gone"]
+            if gone:
+                forget.append(row["worker_id"])
+        entries.append({"host": row["host"], "pid": row["pid"], "started_at": row["started_at"],
+                        "mode": row["mode"], "worker_id": row["worker_id"],
+                        "heartbeat_at": row["heartbeat_at"], "gone": gone,
+                        "stopping": bool(row["stop_requested"])})
+    if clean and forget and registry is not None:
+        registry.forget_workers(forget)
+    if not entries:
         return []
     busy: Dict[str, Dict[str, Any]] = {}
-    for row in processing():  # oldest first: a worker's next jobs may be claimed already
-        busy.setdefault(row["worker_id"], row)
+    if any(not e["gone"] for e in entries):
+        for job_row in processing():  # oldest first: a worker's next jobs may be claimed already
+            busy.setdefault(job_row["worker_id"], job_row)
     now = time.time()
     rows = []
-    for info in workers:
-        job = busy.get(info.worker_id)
-        state = "stopping" if info.stopping else "busy" if job else "idle"
-        rows.append({"pid": info.pid, "state": state,
-                     "job": job["id"] if job else None, "uptime": round(now - info.started_at, 1),
-                     "started_at": info.started_at, "mode": info.mode, "worker_id": info.worker_id})
+    for entry in entries:
+        job = None if entry["gone"] else busy.get(entry["worker_id"])
+        state = ("gone" if entry["gone"] else "stopping" if entry["stopping"] else
+                 "busy" if job else "idle")
+        rows.append({"host": entry["host"], "pid": entry["pid"], "state": state,
+                     "job": job["id"] if job else None,
+                     "uptime": round(now - entry["started_at"], 1), "started_at": entry["started_at"],
+                     "heartbeat_at": entry["heartbeat_at"], "mode": entry["mode"],
+                     "stopping": entry["stopping"], "worker_id": entry["worker_id"]})
     return rows
 
 
 def worker_alive(worker_id: str) -> bool:
     """For recovery: False only when we can prove the worker process is gone (same host)."""
-    import socket
-
     try:
         host, pid, start = parse_worker_id(worker_id)
     except ValueError:
         return False
-    if host != socket.gethostname():
+    if host != host_name():
         return True  # another host: only its lease can tell
     return executor.pid_matches(pid, start) and WORKER_MODULE in (executor.process_cmdline(pid) or WORKER_MODULE)
 
@@ -212,7 +258,13 @@ def recover_dead_workers_jobs(queue: Any, paths: Paths, own_worker_id: Optional[
     def interrupted(job_id: str, attempt: int) -> None:
         joblog.append_interrupted(paths.job_log(job_id), job_id, attempt)
 
-    return queue.recover(alive, executor.kill_orphan_group, kill_run, run_result, interrupted)
+    host = host_name()
+
+    def local(worker_id: str) -> bool:
+        return worker_id.rsplit(":", 2)[0] == host
+
+    return queue.recover(alive, executor.kill_orphan_group, kill_run, run_result, interrupted,
+                         local=local)
 
 
 def _worker_argv(paths: Paths, options: Sequence[str]) -> List[str]:

@@ -47,7 +47,8 @@ def test_200mb_of_output_does_not_grow_the_worker(cli, home, workers, tmp_path):
                           capture_output=True, env=dict(os.environ, QUEUECTL_HOME=str(home)), timeout=60)
     assert show.returncode == 0
     tail = json.loads(show.stdout)["output_tail"]
-    assert tail.endswith("END\n") and len(tail.encode()) <= 4100
+    # The database keeps the last db_tail_bytes (64 KiB) for `logs` on other hosts, cut at a line.
+    assert tail.endswith("END\n") and 60_000 < len(tail.encode()) <= 65536 + 3
 
 
 def test_background_child_neither_hangs_the_worker_nor_leaves_zombies(cli, home, workers, tmp_path):
