@@ -68,18 +68,20 @@ check "bad1 last error" "$(field bad1 last_error)" "exit code 3"
 run dlq list
 run show bad1
 
-step "6. Retry from the DLQ (attempts reset); pause first so we can look before it runs"
+step "6. Retry from the DLQ (a fresh retry budget; attempt numbers go on); pause first so we can look"
 run pause
 run dlq retry bad1
 check "bad1 pending again" "$(field bad1 state)" "pending"
-check "bad1 attempts reset" "$(field bad1 attempts)" "0"
+check "bad1 keeps its 3 attempts" "$(field bad1 attempts)" "3"
+check "bad1 retry budget reset" "$(field bad1 retry_base)" "3"
 run status
 run resume
 set +e; "${Q[@]}" wait bad1 --timeout 30 >/dev/null; set -e
 check "bad1 dead again after its retries" "$(field bad1 state)" "dead"
+check "bad1 runs numbered on: 3 + 3" "$(field bad1 attempts)" "6"
 run pause >/dev/null
 run requeue bad1 >/dev/null
-check "requeue (alias of dlq retry) resets attempts" "$(field bad1 attempts)" "0"
+check "requeue (alias of dlq retry) resets the budget" "$(field bad1 retry_base)" "6"
 run cancel bad1
 check "cancelled is final, not the DLQ" "$(field bad1 state)" "cancelled"
 run resume >/dev/null

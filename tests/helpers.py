@@ -173,3 +173,21 @@ def dump_db(home: Path) -> str:
         return "\n".join(conn.iterdump())
     finally:
         conn.close()
+
+
+def show_json(cli, job_id: str) -> dict:
+    """``queuectl show ID --json`` through the in-process CLI fixture."""
+    import json
+
+    return json.loads(cli("show", job_id, "--json").stdout)
+
+
+def make_dead(queue: Queue, job_id: str, worker_id: str = "host:1:1") -> None:
+    """Run the job's attempts to exhaustion in-process (no worker needed)."""
+    from queuectl.executor import Outcome
+
+    queue.config_set("backoff_base", "0")
+    while queue.get(job_id)["state"] != "dead":
+        job = queue.claim(worker_id)
+        assert job is not None and job["id"] == job_id
+        queue.finish(job, Outcome(1, "exit code 1", "boom\n"), worker_id)

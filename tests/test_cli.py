@@ -9,24 +9,14 @@ import time
 
 import pytest
 
-from helpers import dump_db
+from helpers import dump_db, make_dead, show_json
 
 from queuectl.executor import Outcome
 
 W = "host:1:1"
 
 
-def show(cli, job_id: str) -> dict:
-    return json.loads(cli("show", job_id, "--json").stdout)
-
-
-def make_dead(queue, job_id: str) -> None:
-    """Run the job's attempts to exhaustion in-process (no worker needed)."""
-    queue.config_set("backoff_base", "0")
-    while queue.get(job_id)["state"] != "dead":
-        job = queue.claim(W)
-        assert job is not None and job["id"] == job_id
-        queue.finish(job, Outcome(1, "exit code 1", "boom\n"), W)
+show = show_json
 
 
 @pytest.mark.sqlite_only  # checks the SQLite file

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import dump_db, run_queuectl, spawn_queuectl, wait_until
+from helpers import dump_db, run_queuectl, show_json, spawn_queuectl, wait_until
 
 from queuectl.cli import NO_WORKERS_NOTE, PAUSED_NOTE
 from queuectl.executor import Outcome
@@ -22,8 +21,7 @@ W = "host:1:1"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def job(cli, job_id: str) -> dict:
-    return json.loads(cli("show", job_id, "--json").stdout)
+job = show_json
 
 
 def ids(cli) -> list:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import dump_db, run_queuectl, wait_until
+from helpers import dump_db, make_dead, run_queuectl, show_json, wait_until
 
 from queuectl.executor import Outcome
 from queuectl.paths import Paths
@@ -21,17 +21,7 @@ from queuectl.paths import Paths
 W = "host:1:1"
 
 
-def job(cli, job_id: str) -> dict:
-    return json.loads(cli("show", job_id, "--json").stdout)
-
-
-def run_dead(queue, job_id: str) -> None:
-    """Fail every run of ``job_id`` until it is dead (no worker needed)."""
-    queue.config_set("backoff_base", "0")
-    while queue.get(job_id)["state"] != "dead":
-        claimed = queue.claim(W)
-        assert claimed is not None and claimed["id"] == job_id
-        queue.finish(claimed, Outcome(1, "exit code 1"), W)
+job, run_dead = show_json, make_dead
 
 
 def log_of(home: Path, job_id: str) -> str:
