@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from helpers import PG_DSN, drop_pg_schema, kill_everything_of, psycopg, wait_until
+from helpers import PG_DSN, kill_everything_of, psycopg, wait_until
 
 from test_hosts import Host
 
@@ -104,6 +102,25 @@ def add_jobs(host: Host, jobs: List[Tuple[str, str]]) -> None:
     host.run("enqueue", "--file", str(path))
 
 
+def start_progress_drain(a: Host, b: Host, out: Path, ids: List[str], steps: int) -> None:
+    """Jobs that log each step to ``out``, 2 workers on each host, and the drain under way."""
+    a.run("config", "set", "lease_seconds", "10")
+    add_jobs(a, [(job_id, progress_job(out, steps)) for job_id in ids])
+    a.start(2)
+    b.start(2)
+    wait_until(lambda: out.exists() and out.read_text().count(" E ") >= 4, timeout=30,
+               message="the drain under way")
+
+
+def assert_each_ran_once(a: Host, out: Path, ids: List[str]) -> None:
+    """Every job drained, each executed exactly once, every run ended, no two overlapping."""
+    wait_drained(a, ids, timeout=60)
+    runs = runs_of(out)
+    assert sorted(job for job, _n in runs) == sorted(ids), "each job ran exactly once"
+    assert all(run["ended"] for run in runs.values())
+    assert_no_overlap(runs)
+
+
 @pytest.mark.slow
 def test_two_hosts_drain_one_queue_and_one_survives_the_other(pg_hosts, tmp_path):
     """1000 jobs (not 5000: the suite's time budget), 4 workers per host; host a is
@@ -152,14 +169,9 @@ def test_two_hosts_drain_one_queue_and_one_survives_the_other(pg_hosts, tmp_path
 def test_terminated_connections_are_reopened_and_nothing_is_lost_or_repeated(pg_hosts, tmp_path):
     a, b = pg_hosts("a"), pg_hosts("b")
     out = tmp_path / "runs"
-    a.run("config", "set", "lease_seconds", "10")
     ids = [f"t{i}" for i in range(24)]
-    add_jobs(a, [(job_id, progress_job(out, 3)) for job_id in ids])
-    a.start(2)
-    b.start(2)
+    start_progress_drain(a, b, out, ids, steps=3)
     schema = os.environ["QUEUECTL_DB"].split("schema=")[1]
-    wait_until(lambda: out.exists() and out.read_text().count(" E ") >= 4, timeout=30,
-               message="the drain under way")
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         for _ in range(3):
             killed = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -167,11 +179,7 @@ def test_terminated_connections_are_reopened_and_nothing_is_lost_or_repeated(pg_
                                   (f"queuectl:{schema}",)).fetchone()[0]
             assert killed >= 4  # each worker: its store connection and its listener
             time.sleep(0.7)
-    wait_drained(a, ids, timeout=60)
-    runs = runs_of(out)
-    assert sorted(job for job, _n in runs) == sorted(ids), "each job ran exactly once"
-    assert all(run["ended"] for run in runs.values())
-    assert_no_overlap(runs)
+    assert_each_ran_once(a, out, ids)
     for host in (a, b):
         text = worker_logs(host)
         outages = text.count("database unavailable")
@@ -348,20 +356,11 @@ def test_workers_ride_out_a_server_restart(pg_hosts, own_cluster, tmp_path, monk
     monkeypatch.setenv("QUEUECTL_DB", f"{own_cluster['url']}?schema=qtest_restart")
     a, b = pg_hosts("a"), pg_hosts("b")
     out = tmp_path / "runs"
-    a.run("config", "set", "lease_seconds", "10")
     ids = [f"r{i}" for i in range(20)]
-    add_jobs(a, [(job_id, progress_job(out, 4)) for job_id in ids])
-    a.start(2)
-    b.start(2)
-    wait_until(lambda: out.exists() and out.read_text().count(" E ") >= 4, timeout=30,
-               message="the drain under way")
+    start_progress_drain(a, b, out, ids, steps=4)
     restarted = own_cluster["restart"]()
     assert restarted.returncode == 0, restarted.stderr
-    wait_drained(a, ids, timeout=60)
-    runs = runs_of(out)
-    assert sorted(job for job, _n in runs) == sorted(ids), "each job ran exactly once"
-    assert all(run["ended"] for run in runs.values())
-    assert_no_overlap(runs)
+    assert_each_ran_once(a, out, ids)
     for host in (a, b):
         text = worker_logs(host)
         assert text.count("database unavailable") <= 2, text  # once per worker and outage
