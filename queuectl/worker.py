@@ -17,7 +17,7 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from queuectl import config as cfg
-from queuectl import executor, worker_launcher
+from queuectl import chores, executor, worker_launcher
 from queuectl.errors import QueueError
 from queuectl.models import WORKER_VARS, Queue
 from queuectl.paths import Paths, private_dir
@@ -130,6 +130,7 @@ class Worker:
         store = open_store(paths, "worker")
         self.listener = store.listen()
         self.queue = Queue(store, overrides=self.overrides)
+        self.chores = chores.for_worker(self.queue, paths)
         log.info("worker %s started (pid %d, db %s)", self.worker_id, self.pid, store.location)
         try:
             self._loop()
@@ -158,6 +159,7 @@ class Worker:
                 if time.monotonic() >= next_recovery:
                     self._recover()
                     next_recovery = time.monotonic() + RECOVER_EVERY
+                chores.run_due(self.chores)
                 job = self._next_job()
                 if job is None:
                     self._wait_for_work(next_recovery)
@@ -280,8 +282,9 @@ class Worker:
 
     def _wait_for_work(self, next_recovery: float) -> None:
         settings = self.queue.settings()
-        timeout = min(settings["poll_interval"], max(next_recovery - time.monotonic(), 0.0),
-                      max(self._next_beat - time.monotonic(), 0.0))
+        now = time.monotonic()
+        timeout = min(settings["poll_interval"], max(next_recovery - now, 0.0),
+                      max(self._next_beat - now, 0.0), max(chores.next_due(self.chores) - now, 0.0))
         if not self.queue.paused():
             due = self.queue.next_run_at()
             if due is not None:
@@ -384,6 +387,7 @@ class Worker:
                     self._beat_registry()
                 except QueueError:
                     pass  # the job's own heartbeat above tells whether storage is reachable
+                chores.run_due(self.chores)  # schedules and retention go on during long runs
             elif woken:
                 try:
                     cancel = queue.cancel_requested(job["id"])
