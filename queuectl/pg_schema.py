@@ -96,5 +96,13 @@ MIGRATIONS: List[str] = [
     );
     ALTER TABLE jobs ADD COLUMN log_location text;
     """,
+    # A queue table is rewritten all the time (every job is inserted, claimed and finished):
+    # the default autovacuum waits for 20 % of the table to be dead, and until then each
+    # claim walks the dead entries of jobs_ready. Vacuum it after a fixed number instead.
+    """
+    ALTER TABLE jobs SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
+                          autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 5000);
+    ALTER TABLE job_runs SET (autovacuum_vacuum_scale_factor = 0.05);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

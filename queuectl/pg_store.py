@@ -457,6 +457,12 @@ class PgStore:
         left, started, finished = rows[0]
         return {"left": left, "started_at": started, "finished_at": finished}
 
+    def tidy(self) -> None:
+        if self._depth:
+            raise StorageError("tidy() cannot run inside a transaction")
+        for table in ("jobs", "job_runs", "job_deps"):
+            self._execute(f"VACUUM ANALYZE {table}")  # autocommit: VACUUM needs its own
+
     # -- worker registry ------------------------------------------------------------------
     def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
                         mode: str, now: float) -> None:

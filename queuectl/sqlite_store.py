@@ -303,6 +303,9 @@ class SqliteStore:
         left, started, finished = rows[0]
         return {"left": left, "started_at": started, "finished_at": finished}
 
+    def tidy(self) -> None:
+        self.conn.execute("ANALYZE")  # SQLite reuses freed pages itself; the statistics are all
+
     # -- worker registry ------------------------------------------------------------------
     def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
                         mode: str, now: float) -> None:

@@ -162,6 +162,11 @@ class Store(Protocol):
         its seqs): ``left`` not completed, earliest ``started_at``, latest ``finished_at``.
         By primary key, cheap enough to poll (benchmarks, progress probes)."""
 
+    def tidy(self) -> None:
+        """Reclaim dead rows and index entries and refresh the planner's statistics, as the
+        database's own housekeeping eventually does, now: after a bulk change (benchmarks fill
+        the table with 10^5 finished jobs at once). PostgreSQL: VACUUM ANALYZE; SQLite: ANALYZE."""
+
     # -- worker registry (every host's workers; local ones also have PID files) -------------
     # A worker registers at start, beats every few seconds and unregisters at a clean exit.
     # Rows of workers that died without unregistering are shown as gone once their beat is

@@ -97,3 +97,17 @@ def test_plain_batches_store_the_same_rows_as_the_general_path(store):
     for row in rows.values():
         del row["seq"], row["id"]
     assert rows["1"] == rows["3"] == rows["5"]
+
+
+def test_tidy_after_a_bulk_change_keeps_every_job_and_the_claim_order(store):
+    """tidy() (VACUUM ANALYZE / ANALYZE) runs outside a transaction on both backends and
+    changes nothing a user can see; benchmarks call it after filling the table."""
+    q = Queue(store)
+    for n in range(30):
+        add(q, f"j{n}")
+    for _ in range(20):
+        q.finish(q.claim(W), Outcome(0, None), W)
+    before = {job["id"]: job["state"] for job in q.list()}
+    store.tidy()
+    assert {job["id"]: job["state"] for job in q.list()} == before
+    assert q.claim(W)["id"] == "j20"
