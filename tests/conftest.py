@@ -14,6 +14,7 @@ Plain helpers live in helpers.py.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,12 @@ from queuectl.cli import cli as cli_group
 from queuectl.models import Queue
 from queuectl.paths import Paths
 from queuectl.store import open_store
+
+# Started from a non-interactive shell's background job, pytest inherits SIGINT ignored and so
+# would every process a test starts: the tests that press Ctrl-C (wait, logs --follow,
+# dashboard) would hang. Processes started from here get the default disposition back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 BACKENDS = [pytest.param("sqlite", id="sqlite"),
