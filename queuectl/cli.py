@@ -1466,5 +1466,9 @@ def main() -> None:
         sys.exit(1)
 
 
+from queuectl.cli_schedule import schedule  # noqa: E402 - it uses the helpers above
+
+cli.add_command(schedule)
+
 if __name__ == "__main__":
     main()
