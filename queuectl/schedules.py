@@ -388,14 +388,14 @@ class Schedules:
         """The worker chore: fire every schedule that is due; returns the job ids created.
         When none is due this is one indexed read."""
         now = self.queue.clock() if now is None else now
-        due = self.store.next_schedule_due()
-        if due is None or due > now:
-            return []
         created: List[str] = []
         for _ in range(ROUNDS):
+            due = self.store.next_schedule_due()  # a read: no write transaction unless due
+            if due is None or due > now:
+                break
             with self.store.transaction():
                 row = self.store.claim_due_schedule(now)
-                if row is None:
+                if row is None:  # another firer holds it (PostgreSQL) or just handled it
                     break
                 created.extend(self._fire_locked(row, now))
         return created
