@@ -225,7 +225,7 @@ def test_a_paused_schedule_does_not_fire_and_resumes_from_now(store):
 
 
 # -- command line ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("args,message", [
+BAD = [
     (["bad name", "--every", "1m", "true"], "invalid schedule name"),
     (["x@y", "--every", "1m", "true"], "invalid schedule name"),
     (["x", "--cron", "61 * * * *", "true"], "invalid cron expression '61 * * * *'"),
@@ -240,14 +240,18 @@ def test_a_paused_schedule_does_not_fire_and_resumes_from_now(store):
     (["x", "true"], "either --cron EXPR or --every DURATION"),
     (["x", "--every", "1m", "--timeout", "-3", "true"], "timeout"),
     (["x", "--every", "1m", "--cwd", "/no/such/dir", "true"], "cwd does not exist"),
-])
-def test_bad_schedules_are_refused_in_one_line_and_nothing_is_stored(cli, home, args, message):
+    (["keep", "--every", "1m", "true"], "already exists"),
+]
+
+
+def test_bad_schedules_are_refused_in_one_line_and_nothing_is_stored(cli, home):
     cli("schedule", "add", "keep", "--every", "1h", "true")
     before = dump_db(home)
-    result = cli("schedule", "add", *args, ok=False)
-    assert result.exit_code == 1, result.stderr
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.stderr and result.stdout == ""
+    for args, message in BAD:
+        result = cli("schedule", "add", *args, ok=False)
+        assert result.exit_code == 1, (args, result.stderr)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, args
+        assert "Traceback" not in result.stderr and result.stdout == "", args
     assert dump_db(home) == before
 
 
@@ -287,15 +291,22 @@ def _slot_seconds(store, name):
         tzinfo=timezone.utc).timestamp() for i in _ids(store, name)]
 
 
-def test_four_workers_fire_each_second_once(home, store, workers):
+def test_four_workers_fire_each_second_once_and_skip_while_a_slow_job_runs(home, store, workers):
     assert run_queuectl("schedule", "add", "tick", "--every", "1s", "--overlap", "queue", "true",
                         home=home).returncode == 0
+    assert run_queuectl("schedule", "add", "slow", "--every", "1s", "sleep 2.5", home=home).returncode == 0
     workers.start(4)
-    wait_until(lambda: len(_ids(store, "tick")) >= 5, timeout=30, message="five slots fired")
+    wait_until(lambda: len(_ids(store, "tick")) >= 5 and len(store.schedule_skips("slow", 10)) >= 2,
+               timeout=30, message="five slots fired and two skipped")
     workers.stop()
     slots = _slot_seconds(store, "tick")
     assert slots == [slots[0] + n for n in range(len(slots))]  # every second once, none missed
     assert _no_chore_errors(home)
+    # The slow one: never two at once; the slots that came meanwhile are recorded as skipped.
+    jobs = store.jobs_with_prefix("slow@", 100)
+    assert 1 <= len(jobs) <= 2
+    shown = run_queuectl("schedule", "show", "slow", home=home).stdout
+    assert "skipped slots:" in shown and "was still processing" in shown
 
 
 def _no_chore_errors(home):
@@ -323,14 +334,3 @@ def test_two_homes_on_one_postgres_queue_fire_each_slot_once(home, tmp_path, sto
     slots = _slot_seconds(store, "tick")
     assert slots == [slots[0] + n for n in range(len(slots))]
     assert _no_chore_errors(home) and _no_chore_errors(tmp_path / "other-home")
-
-
-def test_a_worker_skips_slots_while_the_previous_job_runs(home, store, workers):
-    assert run_queuectl("schedule", "add", "slow", "--every", "1s", "sleep 2.5", home=home).returncode == 0
-    workers.start(2)
-    wait_until(lambda: len(store.schedule_skips("slow", 10)) >= 2, timeout=30, message="skipped slots")
-    workers.stop()
-    jobs = store.jobs_with_prefix("slow@", 100)
-    assert 1 <= len(jobs) <= 2
-    shown = run_queuectl("schedule", "show", "slow", home=home).stdout
-    assert "skipped slots:" in shown and "was still processing" in shown
