@@ -327,7 +327,9 @@ class Handler(BaseHTTPRequestHandler):
                 paused = queue.paused_since()
                 self._json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
                             "paused_since": paused, "workers": worker_rows(paths, queue),
-                            "schedules": Schedules(queue).summary()["schedules"],
+                            # Without the job template: its --env values are not for every reader.
+                            "schedules": [{k: v for k, v in row.items() if k != "job"}
+                                          for row in Schedules(queue).list()],
                             "version": __version__, "now": time.time()})
             elif path == "/api/workers":
                 self._json({"workers": worker_rows(paths, queue)})

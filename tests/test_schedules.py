@@ -334,3 +334,16 @@ def test_two_homes_on_one_postgres_queue_fire_each_slot_once(home, tmp_path, sto
     slots = _slot_seconds(store, "tick")
     assert slots == [slots[0] + n for n in range(len(slots))]
     assert _no_chore_errors(home) and _no_chore_errors(tmp_path / "other-home")
+
+
+def test_the_dashboard_lists_schedules_without_their_env(paths, queue):
+    from dashboard_support import http, running_dashboard
+
+    Schedules(queue).add("nightly", {"command": "./dump.sh", "env": {"TOKEN": "secret"}},
+                         cron="0 3 * * *", tz="UTC")
+    with running_dashboard(paths) as server:
+        status, _, body = http(f"http://127.0.0.1:{server.port}/api/status")
+    assert status == 200
+    (row,) = body["schedules"]
+    assert row["name"] == "nightly" and row["when"] == "0 3 * * * (UTC)" and row["next_at"] > 0
+    assert "secret" not in json.dumps(body)
