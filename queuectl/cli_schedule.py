@@ -123,7 +123,11 @@ def schedule_add(name: str, command: Sequence[str], cron: Optional[str], tz: Opt
 @click.option("--wide", "-w", is_flag=True, help="Do not cut the command to the terminal width.")
 def schedule_list(as_json: bool, wide: bool) -> None:
     """Every schedule: when it fires, its next run and its last job."""
-    rows = _schedules(durable=False).list()
+    schedules = _schedules(durable=False)
+    rows = schedules.list()
+    if rows:  # a schedule fires only while a worker runs: say so (on stderr)
+        base = _base()
+        base._print_notes(schedules.queue, only=base.NO_WORKERS_NOTE)
     if as_json:
         _emit_json(rows)
         return

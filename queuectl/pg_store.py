@@ -536,6 +536,12 @@ class PgStore:
                       "schedule_skips WHERE name = %s ORDER BY at DESC, n DESC LIMIT %s)",
                       (name, name, keep))
 
+    def extend_schedule_skip(self, name: str, ended_at: float, reason: str, until_at: float,
+                             at: float) -> int:
+        return self._execute("UPDATE schedule_skips SET until_at = %s, count = count + 1, at = %s "
+                             "WHERE name = %s AND until_at = %s AND reason = %s",
+                             (until_at, at, name, ended_at, reason)).rowcount
+
     def schedule_skips(self, name: str, limit: int) -> List[Dict[str, Any]]:
         return self._dicts("SELECT slot_at, until_at, count, reason, at FROM schedule_skips "
                            "WHERE name = %s ORDER BY at DESC, n DESC LIMIT %s", (name, limit))

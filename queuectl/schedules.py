@@ -411,7 +411,12 @@ class Schedules:
                 state = self.store.states_of([last_job]).get(last_job)
                 if state in ACTIVE:
                     if row["overlap"] == "skip":
-                        self._skip(name, slot, slot, 1, f"job {last_job} was still {state}", now)
+                        # One record per run of skipped slots, not one per slot: a job of an
+                        # hour on an --every 1s schedule is one line in `schedule show`.
+                        reason = f"job {last_job} was still {state}"
+                        if not self.store.extend_schedule_skip(
+                                name, timing.latest_at_or_before(slot - 1), reason, slot, now):
+                            self._skip(name, slot, slot, 1, reason, now)
                         continue
                     try:
                         self.queue.cancel([last_job])  # replace: the old one goes, a new one starts

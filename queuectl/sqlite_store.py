@@ -383,6 +383,12 @@ class SqliteStore:
                           "FROM schedule_skips WHERE name = ? ORDER BY at DESC, rowid DESC LIMIT ?)",
                           (name, name, keep))
 
+    def extend_schedule_skip(self, name: str, ended_at: float, reason: str, until_at: float,
+                             at: float) -> int:
+        return self.conn.execute("UPDATE schedule_skips SET until_at = ?, count = count + 1, at = ? "
+                                 "WHERE name = ? AND until_at = ? AND reason = ?",
+                                 (until_at, at, name, ended_at, reason)).rowcount
+
     def schedule_skips(self, name: str, limit: int) -> "list[dict[str, Any]]":
         return self._query("SELECT slot_at, until_at, count, reason, at FROM schedule_skips "
                            "WHERE name = ? ORDER BY at DESC, rowid DESC LIMIT ?", (name, limit))

@@ -224,6 +224,11 @@ class Store(Protocol):
         """Record ``count`` slots from ``slot_at`` to ``until_at`` that got no job, keeping only
         the newest ``keep`` records of this schedule."""
 
+    def extend_schedule_skip(self, name: str, ended_at: float, reason: str, until_at: float,
+                             at: float) -> int:
+        """Add one slot (``until_at``) to the record of this schedule that ends at
+        ``ended_at`` with this ``reason``; returns the rows changed (0: add a record instead)."""
+
     def schedule_skips(self, name: str, limit: int) -> List[Dict[str, Any]]:
         """Newest ``limit`` skip records (slot_at, until_at, count, reason, at), newest first."""
 
