@@ -352,11 +352,12 @@ class Schedules:
         info = self._public(row, states)
         timing = timing_of(row)
         upcoming: List[float] = []
-        slot = row["next_at"]
-        if not row["paused"]:
-            for _ in range(5):
-                upcoming.append(slot)
+        if not row["paused"]:  # the due one (overdue while no worker runs), then from now on
+            upcoming.append(row["next_at"])
+            slot = max(row["next_at"], self.queue.clock())
+            while len(upcoming) < 5:
                 slot = timing.next_after(slot)
+                upcoming.append(slot)
         info["upcoming"] = upcoming
         info["jobs"] = self.store.jobs_with_prefix(name + "@", jobs) if jobs else []
         info["skipped"] = self.store.schedule_skips(name, 20) if jobs else []

@@ -178,6 +178,17 @@ def test_a_late_slot_within_the_grace_is_fired_by_every_policy(store):
     assert (skip["slot_at"], skip["until_at"], skip["count"]) == (1004, cutoff, cutoff - 1004 + 1)
 
 
+def test_a_clock_set_back_fires_nothing_twice(store):
+    clock = Clock(1000.0)
+    schedules = _schedules(store, clock)
+    schedules.add("tick", {"command": "true"}, every="1m", overlap="queue")
+    assert schedules.fire_due(1080.5) == [slot_job_id("tick", s) for s in (1020, 1080)]
+    for back in (1000.0, 1030.0, 1079.0, 1080.9):  # the clock is set back: nothing fires again
+        assert schedules.fire_due(back) == []
+    assert schedules.fire_due(1140.2) == [slot_job_id("tick", 1140)]
+    assert _ids(store, "tick") == [slot_job_id("tick", s) for s in (1020, 1080, 1140)]
+
+
 @pytest.mark.parametrize("overlap", ["skip", "queue", "replace"])
 def test_overlap_with_a_job_slower_than_its_period(store, overlap):
     clock = Clock(1000.0)
