@@ -30,7 +30,7 @@ import time
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
-from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound
+from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound, QueueError
 from queuectl.jobspec import parse_job
 from queuectl.timeutil import parse_duration
 
@@ -112,9 +112,7 @@ class Timing:
             raise InvalidInput(f"unknown schedule kind {kind!r}")
         self.cron = _cron(expr)
         self.zone = _zone(tz or "UTC")
-        from croniter import croniter
-
-        hours = croniter(self.cron).expanded[1]
+        hours = _croniter().croniter(self.cron).expanded[1]
         self.every_hour = hours == ["*"] or len(hours) == 24  # fires in both passes of a fold
 
     def describe(self) -> str:
@@ -144,8 +142,8 @@ class Timing:
         return n
 
     def _search(self, t: float, forward: bool) -> float:
-        from croniter import CroniterBadDateError, croniter
-
+        module = _croniter()
+        croniter, CroniterBadDateError = module.croniter, module.CroniterBadDateError
         zone = self.zone
         steady = (datetime.fromtimestamp(t - 10800, zone).utcoffset()
                   == datetime.fromtimestamp(t + 10800, zone).utcoffset())
@@ -221,14 +219,23 @@ def _cron(expr: str) -> str:
     if len(text.split()) != 5:
         raise InvalidInput(f"invalid cron expression {expr!r}: {len(text.split())} fields "
                            f"({CRON_HELP})")
-    from croniter import croniter
-
+    croniter = _croniter().croniter
     try:
         croniter(text)
     except Exception as exc:  # noqa: BLE001 - croniter raises ValueError, KeyError, its own...
         reason = str(exc).replace(f"[{text}]", "").strip(" :") or type(exc).__name__
         raise InvalidInput(f"invalid cron expression {expr!r}: {reason} ({CRON_HELP})") from None
     return text
+
+
+def _croniter() -> Any:
+    """croniter, imported when a cron schedule is used (start-up stays lean without one)."""
+    try:
+        import croniter
+    except ImportError:
+        raise QueueError("cron schedules need the 'croniter' package, a dependency of queuectl: "
+                         "pip install croniter (or reinstall queuectl)") from None
+    return croniter
 
 
 def timing_of(row: Mapping[str, Any]) -> Timing:
