@@ -182,7 +182,8 @@ def test_a_clock_set_back_fires_nothing_twice(store):
     clock = Clock(1000.0)
     schedules = _schedules(store, clock)
     schedules.add("tick", {"command": "true"}, every="1m", overlap="queue")
-    assert schedules.fire_due(1080.5) == [slot_job_id("tick", s) for s in (1020, 1080)]
+    assert schedules.fire_due(1020.5) == [slot_job_id("tick", 1020)]
+    assert schedules.fire_due(1080.5) == [slot_job_id("tick", 1080)]
     for back in (1000.0, 1030.0, 1079.0, 1080.9):  # the clock is set back: nothing fires again
         assert schedules.fire_due(back) == []
     assert schedules.fire_due(1140.2) == [slot_job_id("tick", 1140)]
