@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["queuectl", "queuectl.*"]),
     package_data={"queuectl": ["static/*"]},
     python_requires=">=3.9",
-    install_requires=["click>=8.0"],
+    install_requires=["click>=8.0", "croniter>=2.0"],
     extras_require={"test": ["pytest>=7", "pytest-mock>=3"],
                     "postgres": ["psycopg[binary]>=3.1"]},
     entry_points={"console_scripts": ["queuectl=queuectl.cli:main"]},

@@ -802,9 +802,14 @@ def status(as_json: bool) -> None:
     workers = _worker_rows(queue)
     orphaned = sum(1 for alive in _workers_alive(queue.processing()).values() if not alive) \
         if counts["processing"] else 0
+    from queuectl.schedules import Schedules
+
+    schedules = Schedules(queue).summary()
+    del schedules["schedules"]
     if as_json:
         _emit_json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
-                    "paused_since": paused, "orphaned": orphaned, "workers": workers})
+                    "paused_since": paused, "orphaned": orphaned, "workers": workers,
+                    "schedules": schedules})
         return
     if paused is not None:
         click.echo(f"Queue: PAUSED since {format_instant(paused)} (workers claim nothing new; "
@@ -826,6 +831,13 @@ def status(as_json: bool) -> None:
     gone = len(workers) - len(live)
     if gone:
         click.echo(f"  {gone} worker(s) of other hosts stopped beating (gone)")
+    if schedules["count"]:
+        from queuectl.cli_schedule import _when
+
+        first = schedules["next"]
+        click.echo(f"Schedules: {schedules['count']}"
+                   + (f" ({schedules['paused']} paused)" if schedules["paused"] else "")
+                   + (f"; next: {first['name']} at {_when(first['next_at'], time.time())}" if first else ""))
 
 
 def _workers_alive(jobs: Sequence[Dict[str, Any]]) -> Dict[str, bool]:
@@ -1465,6 +1477,10 @@ def main() -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
 
+
+from queuectl.cli_schedule import schedule  # noqa: E402 - it uses the helpers above
+
+cli.add_command(schedule)
 
 if __name__ == "__main__":
     main()

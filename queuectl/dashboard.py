@@ -35,6 +35,7 @@ from queuectl import __version__, joblog, worker_launcher
 from queuectl.errors import Conflict, InvalidInput, NotFound, QueueError, StorageError
 from queuectl.models import Queue
 from queuectl.paths import Paths
+from queuectl.schedules import Schedules
 from queuectl.store import open_store
 
 TOKEN_HEADER = "X-Queuectl-Token"
@@ -326,6 +327,9 @@ class Handler(BaseHTTPRequestHandler):
                 paused = queue.paused_since()
                 self._json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
                             "paused_since": paused, "workers": worker_rows(paths, queue),
+                            # Without the job template: its --env values are not for every reader.
+                            "schedules": [{k: v for k, v in row.items() if k != "job"}
+                                          for row in Schedules(queue).list()],
                             "version": __version__, "now": time.time()})
             elif path == "/api/workers":
                 self._json({"workers": worker_rows(paths, queue)})

@@ -109,6 +109,39 @@ MIGRATIONS: "list[str]" = [
     ) WITHOUT ROWID;
     ALTER TABLE jobs ADD COLUMN log_location TEXT;
     """,
+    # Schedules (issue 13): recurring jobs fired by the workers. next_at is the next slot not
+    # yet handled; the firing transaction claims a due row, enqueues its job(s) with ids
+    # NAME@<slot> (the unique id is the last guard against a double fire) and moves next_at.
+    # schedule_skips: slots that got no job (overlap skip, missed while no worker ran).
+    """
+    CREATE TABLE schedules (
+        name          TEXT    PRIMARY KEY,
+        kind          TEXT    NOT NULL,             -- 'cron' or 'every'
+        expr          TEXT    NOT NULL,             -- cron expression, or the period as typed (5m)
+        tz            TEXT,                         -- IANA zone of a cron schedule
+        spec          TEXT    NOT NULL,             -- JSON job spec, as `enqueue` takes it
+        env           TEXT,                         -- JSON environment of `schedule add`, or NULL
+        catch_up      TEXT    NOT NULL,             -- latest | all | none
+        overlap       TEXT    NOT NULL,             -- skip | queue | replace
+        paused        INTEGER NOT NULL DEFAULT 0,
+        created_at    REAL    NOT NULL,
+        next_at       REAL    NOT NULL,             -- epoch of the next slot not yet handled
+        last_slot     REAL,
+        last_job      TEXT,
+        last_fired_at REAL
+    ) WITHOUT ROWID;
+    -- What every worker asks every second: is any schedule due?
+    CREATE INDEX schedules_due ON schedules(next_at) WHERE paused = 0;
+    CREATE TABLE schedule_skips (
+        name     TEXT    NOT NULL,
+        slot_at  REAL    NOT NULL,                  -- first slot skipped
+        until_at REAL    NOT NULL,                  -- last slot skipped (= slot_at for one)
+        count    INTEGER NOT NULL,
+        reason   TEXT    NOT NULL,
+        at       REAL    NOT NULL
+    );
+    CREATE INDEX schedule_skips_name ON schedule_skips(name, at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -104,5 +104,35 @@ MIGRATIONS: List[str] = [
                           autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 5000);
     ALTER TABLE job_runs SET (autovacuum_vacuum_scale_factor = 0.05);
     """,
+    # Schedules (see the SQLite migration of the same purpose in queuectl/database.py).
+    """
+    CREATE TABLE schedules (
+        name          text    PRIMARY KEY,
+        kind          text    NOT NULL,
+        expr          text    NOT NULL,
+        tz            text,
+        spec          text    NOT NULL,
+        env           text,
+        catch_up      text    NOT NULL,
+        overlap       text    NOT NULL,
+        paused        integer NOT NULL DEFAULT 0,
+        created_at    double precision NOT NULL,
+        next_at       double precision NOT NULL,
+        last_slot     double precision,
+        last_job      text,
+        last_fired_at double precision
+    );
+    CREATE INDEX schedules_due ON schedules (next_at) WHERE paused = 0;
+    CREATE TABLE schedule_skips (
+        n        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        name     text    NOT NULL,
+        slot_at  double precision NOT NULL,
+        until_at double precision NOT NULL,
+        count    bigint  NOT NULL,
+        reason   text    NOT NULL,
+        at       double precision NOT NULL
+    );
+    CREATE INDEX schedule_skips_name ON schedule_skips (name, at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 
 from queuectl import pg_schema
 from queuectl.errors import DuplicateKey, StorageError
-from queuectl.store import CLAIM_COLUMNS, NEW_JOB_COLUMNS
+from queuectl.store import CLAIM_COLUMNS, NEW_JOB_COLUMNS, SCHEDULE_COLUMNS, SCHEDULE_JOB_COLUMNS
 
 SCHEMA_ENV = "QUEUECTL_PG_SCHEMA"
 DEFAULT_SCHEMA = "queuectl"
@@ -494,6 +494,67 @@ class PgStore:
                                  (level,)).rowcount
         return self._execute("UPDATE workers SET stop_requested = greatest(stop_requested, %s) "
                              "WHERE worker_id = ANY(%s)", (level, list(worker_ids))).rowcount
+
+    # -- schedules ------------------------------------------------------------------------
+    def insert_schedule(self, row: Dict[str, Any]) -> None:
+        def insert(conn: psycopg.Connection) -> None:
+            with conn.transaction():  # a savepoint: the transaction stays usable after a duplicate
+                conn.execute(f"INSERT INTO schedules ({', '.join(SCHEDULE_COLUMNS)}) VALUES "
+                             f"({', '.join(['%s'] * len(SCHEDULE_COLUMNS))})",
+                             [row[c] for c in SCHEDULE_COLUMNS])
+        try:
+            self._run(insert)
+        except pg_errors.UniqueViolation:
+            raise DuplicateKey("schedule", row["name"]) from None
+
+    def update_schedule(self, name: str, fields: Dict[str, Any]) -> int:
+        sets = ", ".join(f"{column} = %s" for column in fields)  # names come from models
+        return self._execute(f"UPDATE schedules SET {sets} WHERE name = %s",
+                             [*fields.values(), name]).rowcount
+
+    def delete_schedule(self, name: str) -> int:
+        self._execute("DELETE FROM schedule_skips WHERE name = %s", (name,))
+        return self._execute("DELETE FROM schedules WHERE name = %s", (name,)).rowcount
+
+    def get_schedule(self, name: str) -> Optional[Dict[str, Any]]:
+        rows = self._dicts("SELECT * FROM schedules WHERE name = %s", (name,))
+        return rows[0] if rows else None
+
+    def list_schedules(self) -> List[Dict[str, Any]]:
+        return self._dicts("SELECT * FROM schedules ORDER BY name")
+
+    def next_schedule_due(self) -> Optional[float]:
+        rows = self._rows("SELECT min(next_at) FROM schedules WHERE paused = 0")
+        return rows[0][0] if rows else None
+
+    def claim_due_schedule(self, now: float) -> Optional[Dict[str, Any]]:
+        # Under READ COMMITTED a row another firer just committed is re-checked against the
+        # WHERE (its new next_at), so a slot it handled is never handled again here.
+        rows = self._dicts("SELECT * FROM schedules WHERE paused = 0 AND next_at <= %s "
+                           "ORDER BY next_at LIMIT 1 FOR UPDATE SKIP LOCKED", (now,))
+        return rows[0] if rows else None
+
+    def add_schedule_skip(self, name: str, slot_at: float, until_at: float, count: int,
+                          reason: str, at: float, keep: int) -> None:
+        self._execute("INSERT INTO schedule_skips (name, slot_at, until_at, count, reason, at) "
+                      "VALUES (%s, %s, %s, %s, %s, %s)", (name, slot_at, until_at, count, reason, at))
+        self._execute("DELETE FROM schedule_skips WHERE name = %s AND n NOT IN (SELECT n FROM "
+                      "schedule_skips WHERE name = %s ORDER BY at DESC, n DESC LIMIT %s)",
+                      (name, name, keep))
+
+    def extend_schedule_skip(self, name: str, ended_at: float, reason: str, until_at: float,
+                             at: float) -> int:
+        return self._execute("UPDATE schedule_skips SET until_at = %s, count = count + 1, at = %s "
+                             "WHERE name = %s AND until_at = %s AND reason = %s",
+                             (until_at, at, name, ended_at, reason)).rowcount
+
+    def schedule_skips(self, name: str, limit: int) -> List[Dict[str, Any]]:
+        return self._dicts("SELECT slot_at, until_at, count, reason, at FROM schedule_skips "
+                           "WHERE name = %s ORDER BY at DESC, n DESC LIMIT %s", (name, limit))
+
+    def jobs_with_prefix(self, prefix: str, limit: int) -> List[Dict[str, Any]]:
+        return self._dicts(f"SELECT {', '.join(SCHEDULE_JOB_COLUMNS)} FROM jobs "
+                           "WHERE starts_with(id, %s) ORDER BY seq DESC LIMIT %s", (prefix, limit))
 
     # -- config and flags -----------------------------------------------------------------
     def config_items(self) -> Dict[str, str]:

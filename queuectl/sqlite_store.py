@@ -14,7 +14,7 @@ from queuectl import wakeup
 from queuectl.database import Database
 from queuectl.errors import DuplicateKey
 from queuectl.paths import private_dir
-from queuectl.store import CLAIM_COLUMNS, NEW_JOB_COLUMNS
+from queuectl.store import CLAIM_COLUMNS, NEW_JOB_COLUMNS, SCHEDULE_COLUMNS, SCHEDULE_JOB_COLUMNS
 
 # Parameters: the sequence number, then a NEW_JOB_COLUMNS tuple. A missing id is the sequence
 # number itself (TEXT affinity stores it as text), so no str() per generated id in Python.
@@ -342,6 +342,65 @@ class SqliteStore:
             sql += f" WHERE worker_id IN ({', '.join('?' * len(worker_ids))})"
             params.extend(worker_ids)
         return self.conn.execute(sql, params).rowcount
+
+    # -- schedules ------------------------------------------------------------------------
+    def insert_schedule(self, row: "dict[str, Any]") -> None:
+        try:
+            self.conn.execute(f"INSERT INTO schedules ({', '.join(SCHEDULE_COLUMNS)}) VALUES "
+                              f"({', '.join('?' * len(SCHEDULE_COLUMNS))})",
+                              [row[c] for c in SCHEDULE_COLUMNS])
+        except sqlite3.IntegrityError:
+            raise DuplicateKey("schedule", row["name"]) from None
+
+    def update_schedule(self, name: str, fields: "dict[str, Any]") -> int:
+        sets = ", ".join(f"{column} = ?" for column in fields)  # names come from models
+        return self.conn.execute(f"UPDATE schedules SET {sets} WHERE name = ?",
+                                 [*fields.values(), name]).rowcount
+
+    def delete_schedule(self, name: str) -> int:
+        self.conn.execute("DELETE FROM schedule_skips WHERE name = ?", (name,))
+        return self.conn.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount
+
+    def get_schedule(self, name: str) -> "dict[str, Any] | None":
+        rows = self._query("SELECT * FROM schedules WHERE name = ?", (name,))
+        return rows[0] if rows else None
+
+    def list_schedules(self) -> "list[dict[str, Any]]":
+        return self._query("SELECT * FROM schedules ORDER BY name")
+
+    def next_schedule_due(self) -> "float | None":
+        rows = self.db.read("SELECT min(next_at) FROM schedules WHERE paused = 0")
+        return rows[0][0] if rows else None
+
+    def claim_due_schedule(self, now: float) -> "dict[str, Any] | None":
+        rows = _dicts(self.conn.execute(
+            "SELECT * FROM schedules WHERE paused = 0 AND next_at <= ? ORDER BY next_at LIMIT 1",
+            (now,)))
+        return rows[0] if rows else None
+
+    def add_schedule_skip(self, name: str, slot_at: float, until_at: float, count: int,
+                          reason: str, at: float, keep: int) -> None:
+        self.conn.execute("INSERT INTO schedule_skips (name, slot_at, until_at, count, reason, at) "
+                          "VALUES (?, ?, ?, ?, ?, ?)", (name, slot_at, until_at, count, reason, at))
+        self.conn.execute("DELETE FROM schedule_skips WHERE name = ? AND rowid NOT IN (SELECT rowid "
+                          "FROM schedule_skips WHERE name = ? ORDER BY at DESC, rowid DESC LIMIT ?)",
+                          (name, name, keep))
+
+    def extend_schedule_skip(self, name: str, ended_at: float, reason: str, until_at: float,
+                             at: float) -> int:
+        return self.conn.execute("UPDATE schedule_skips SET until_at = ?, count = count + 1, at = ? "
+                                 "WHERE name = ? AND until_at = ? AND reason = ?",
+                                 (until_at, at, name, ended_at, reason)).rowcount
+
+    def schedule_skips(self, name: str, limit: int) -> "list[dict[str, Any]]":
+        return self._query("SELECT slot_at, until_at, count, reason, at FROM schedule_skips "
+                           "WHERE name = ? ORDER BY at DESC, rowid DESC LIMIT ?", (name, limit))
+
+    def jobs_with_prefix(self, prefix: str, limit: int) -> "list[dict[str, Any]]":
+        # A range on the id index (BINARY collation is byte order); LIKE would scan the table.
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        return self._query(f"SELECT {', '.join(SCHEDULE_JOB_COLUMNS)} FROM jobs WHERE id >= ? "
+                           "AND id < ? ORDER BY seq DESC LIMIT ?", (prefix, upper, limit))
 
     # -- config and flags -----------------------------------------------------------------
     def config_items(self) -> "dict[str, str]":

@@ -34,6 +34,12 @@ NEW_JOB_COLUMNS = ("id", "command", "argv", "priority", "max_retries", "timeout"
 CLAIM_COLUMNS = ("seq", "id", "command", "argv", "cwd", "state", "priority", "run_at", "attempts",
                  "max_retries", "timeout", "worker_id", "started_at", "lease_until", "env_id",
                  "retry_base")
+# A schedule row (queuectl/schedules.py holds the rules; the backends only move these).
+SCHEDULE_COLUMNS = ("name", "kind", "expr", "tz", "spec", "env", "catch_up", "overlap", "paused",
+                    "created_at", "next_at", "last_slot", "last_job", "last_fired_at")
+# What `schedule show` lists of a schedule's recent jobs.
+SCHEDULE_JOB_COLUMNS = ("id", "state", "attempts", "created_at", "started_at", "finished_at",
+                        "exit_code", "last_error")
 
 
 class Listener(Protocol):
@@ -192,6 +198,48 @@ class Store(Protocol):
         """Set stop_requested = ``level`` (1 graceful, 2 forced; never lowered) on every row, or
         on ``worker_ids``; returns how many rows were asked. Call ``wake()`` as well so idle
         workers notice at once."""
+
+    # -- schedules (recurring jobs; rules in queuectl/schedules.py) -------------------------
+    def insert_schedule(self, row: Dict[str, Any]) -> None:
+        """A new schedule (a value for every SCHEDULE_COLUMNS name); DuplicateKey("schedule")
+        when the name is taken."""
+
+    def update_schedule(self, name: str, fields: Dict[str, Any]) -> int:
+        """Change some SCHEDULE_COLUMNS of one schedule; returns the rows changed (0 or 1)."""
+
+    def delete_schedule(self, name: str) -> int:
+        """Delete a schedule and its skip records (its jobs stay); returns 0 or 1."""
+
+    def get_schedule(self, name: str) -> Optional[Dict[str, Any]]: ...
+
+    def list_schedules(self) -> List[Dict[str, Any]]:
+        """Every schedule, by name."""
+
+    def next_schedule_due(self) -> Optional[float]:
+        """Earliest next_at of a schedule that is not paused: one indexed read, what every
+        worker asks every second, so an idle queue with schedules costs next to nothing."""
+
+    def claim_due_schedule(self, now: float) -> Optional[Dict[str, Any]]:
+        """Inside a transaction: the unpaused schedule with the earliest next_at <= now,
+        locked until COMMIT, skipping rows another transaction holds (PostgreSQL:
+        FOR UPDATE SKIP LOCKED; on SQLite BEGIN IMMEDIATE already excludes other writers)."""
+
+    def add_schedule_skip(self, name: str, slot_at: float, until_at: float, count: int,
+                          reason: str, at: float, keep: int) -> None:
+        """Record ``count`` slots from ``slot_at`` to ``until_at`` that got no job, keeping only
+        the newest ``keep`` records of this schedule."""
+
+    def extend_schedule_skip(self, name: str, ended_at: float, reason: str, until_at: float,
+                             at: float) -> int:
+        """Add one slot (``until_at``) to the record of this schedule that ends at
+        ``ended_at`` with this ``reason``; returns the rows changed (0: add a record instead)."""
+
+    def schedule_skips(self, name: str, limit: int) -> List[Dict[str, Any]]:
+        """Newest ``limit`` skip records (slot_at, until_at, count, reason, at), newest first."""
+
+    def jobs_with_prefix(self, prefix: str, limit: int) -> List[Dict[str, Any]]:
+        """Newest ``limit`` jobs (SCHEDULE_JOB_COLUMNS) whose id starts with ``prefix``,
+        newest first: a schedule's jobs are ``NAME@...``."""
 
     # -- config and flags ------------------------------------------------------------------
     def config_items(self) -> Dict[str, str]: ...

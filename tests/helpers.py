@@ -133,7 +133,7 @@ def counts(home: Path) -> dict:
         s.close()
 
 
-PG_TABLES = ("jobs", "job_deps", "job_runs", "config", "meta")
+PG_TABLES = ("jobs", "job_deps", "job_runs", "config", "meta", "schedules", "schedule_skips")
 PG_DSN = os.environ.get("QUEUECTL_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 

@@ -173,6 +173,16 @@
     const busyCount = s.workers.filter((w) => w.state === "busy").length;
     $("workers-summary").textContent = s.workers.length + " running · " + busyCount + " busy";
     fill("workers-table", rows, 5, "No workers running. Start some: queuectl worker start --count 2");
+
+    const schedules = s.schedules || [];
+    fill("schedules-table", schedules.map((c) => el("tr", null,
+      el("td", { className: "mono" }, c.name),
+      el("td", { className: "mono" }, c.when),
+      el("td", null, c.paused ? "paused" : instant(c.next_at) + " (in " + duration(Math.max(c.next_at - s.now, 0)) + ")"),
+      el("td", null, ...(c.last_job ? [jobLink(c.last_job), " ", stateBadge(c.last_state || "purged")] : ["–"])))),
+      4, "No schedules. Add one: queuectl schedule add NAME --cron '0 2 * * *' COMMAND");
+    const pausedCount = schedules.filter((c) => c.paused).length;
+    $("schedules-summary").textContent = schedules.length + " · " + pausedCount + " paused";
   }
 
   function jobLink(id) {
