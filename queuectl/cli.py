@@ -650,14 +650,25 @@ def worker(ctx: click.Context, count: int, backoff_base: Optional[float]) -> Non
 @click.option("--backoff-base", type=float, help="Override config backoff_base for these workers.")
 @click.option("--log-jobs", is_flag=True,
               help="Detached workers log every job's start and completion too (failures always are).")
-def worker_start(count: int, foreground: bool, backoff_base: Optional[float], log_jobs: bool) -> None:
+@click.option("--supervise", is_flag=True,
+              help="Start a supervisor that keeps the N workers alive (with --foreground: "
+                   "the same as `queuectl supervise`).")
+def worker_start(count: int, foreground: bool, backoff_base: Optional[float], log_jobs: bool,
+                 supervise: bool) -> None:
     """Start N workers; detached by default (PID files in workers/, logs in logs/)."""
     _check_count(count)
     options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
     queue = _queue()
-    from queuectl import worker_launcher
+    from queuectl import cli_service, worker_launcher
 
     paths = _paths()
+    if supervise:
+        if foreground:
+            cli_service.run_foreground(count, options)
+        cli_service.start_supervised(count, options)
+        return
+    if not foreground and cli_service.forward_start(count):
+        return
     if foreground:
         if queue.paused():
             _print_notes(queue, only=PAUSED_NOTE)
@@ -692,8 +703,10 @@ def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool) -> N
         raise InvalidInput(f"COUNT must be from 0 to 256, got {count}")
     options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
     queue = _queue()
-    from queuectl import worker_launcher
+    from queuectl import cli_service, worker_launcher
 
+    if cli_service.scale_supervised(count):
+        return
     started, stopped, before = worker_launcher.scale_workers(_paths(), count, options)
     if started:
         click.echo(f"Started {len(started)} worker(s) with PIDs: {', '.join(map(str, started))} "
@@ -721,10 +734,12 @@ def worker_stop(wait_s: float, force: bool, all_hosts: bool) -> None:
     database instead (each sees it within about a second, then stops as on SIGTERM, or as
     --force), and waits up to --wait for them to be gone.
     """
-    from queuectl import worker_launcher
+    from queuectl import cli_service, worker_launcher
 
     if all_hosts:
         _stop_all_hosts(wait_s, force)
+        return
+    if cli_service.stop_supervised(wait_s, force):
         return
     report = worker_launcher.stop_workers(_paths(), wait=wait_s, force=force)
     if not report.signalled:
@@ -782,6 +797,10 @@ def worker_status(as_json: bool, wide: bool) -> None:
     if as_json:
         _emit_json(rows)
         return
+    from queuectl.cli_service import supervisor_lines
+
+    for line in supervisor_lines(_paths()):
+        click.echo(line)
     if not rows:
         click.echo("No running workers.")
         return
@@ -802,9 +821,12 @@ def status(as_json: bool) -> None:
     workers = _worker_rows(queue)
     orphaned = sum(1 for alive in _workers_alive(queue.processing()).values() if not alive) \
         if counts["processing"] else 0
+    from queuectl.cli_service import supervisor_lines, supervisor_state
+
     if as_json:
         _emit_json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
-                    "paused_since": paused, "orphaned": orphaned, "workers": workers})
+                    "paused_since": paused, "orphaned": orphaned, "workers": workers,
+                    "supervisor": supervisor_state(_paths())})
         return
     if paused is not None:
         click.echo(f"Queue: PAUSED since {format_instant(paused)} (workers claim nothing new; "
@@ -826,6 +848,8 @@ def status(as_json: bool) -> None:
     gone = len(workers) - len(live)
     if gone:
         click.echo(f"  {gone} worker(s) of other hosts stopped beating (gone)")
+    for line in supervisor_lines(_paths()):
+        click.echo(line)
 
 
 def _workers_alive(jobs: Sequence[Dict[str, Any]]) -> Dict[str, bool]:
@@ -1455,6 +1479,12 @@ def dashboard(host: str, port: int, token: Optional[str]) -> None:
     click.echo("Press Ctrl-C to stop.")
     board.run(server)
     click.echo("Dashboard stopped.")
+
+
+from queuectl import cli_service  # noqa: E402 - last: it needs nothing from here at import
+
+cli.add_command(cli_service.supervise)
+cli.add_command(cli_service.service)
 
 
 def main() -> None:
