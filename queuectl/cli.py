@@ -793,14 +793,15 @@ def worker_status(as_json: bool, wide: bool) -> None:
     This host's come from PID files (checked by PID); other hosts' from the database's
     registry, where a worker that stopped beating shows once as "gone" and is forgotten.
     """
+    if not as_json:  # first: it tells why workers are missing even when the database is down
+        from queuectl.cli_service import supervisor_lines
+
+        for line in supervisor_lines(_paths()):
+            click.echo(line)
     rows = _worker_rows()
     if as_json:
         _emit_json(rows)
         return
-    from queuectl.cli_service import supervisor_lines
-
-    for line in supervisor_lines(_paths()):
-        click.echo(line)
     if not rows:
         click.echo("No running workers.")
         return

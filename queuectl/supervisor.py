@@ -9,7 +9,8 @@ Run as ``python -m queuectl.supervisor --home DIR --count N``: ``queuectl worker
   one worker per try, until one lives FAST_EXIT; ``status`` shows the back-off.
 - SIGTERM/SIGINT: SIGTERM every worker (each finishes its job), wait for all, exit 0. A second
   signal, or SIGUSR1, forces (SIGUSR1 to the workers: running jobs are killed and retried).
-- SIGHUP: re-read the wanted count (``worker scale N`` writes it, then signals).
+- SIGHUP: re-read the wanted count (``worker scale N`` writes it, then signals) and end a
+  back-off: the next start is tried at once.
 - Adoption: workers it did not start (its predecessor was SIGKILLed, or ``worker start``
   started them) are counted and watched by PID; when one dies it is replaced by a child.
   Nothing is interrupted by a supervisor restart.
@@ -271,7 +272,9 @@ class Supervisor:
         if count is not None and count != self.wanted:
             log.info("scaling from %d to %d worker(s)", self.wanted, count)
             self.wanted = count
-            self.streak, self.next_start = 0, 0.0  # a user asked: try at once
+        if self.streak > FREE_RESTARTS:  # `worker scale` after fixing the cause: try at once
+            log.info("back-off cleared by request")
+        self.streak, self.next_start = 0, 0.0
 
     def _alive(self, child: Child) -> "tuple[bool, Optional[int]]":
         if child.proc is not None:
