@@ -280,6 +280,7 @@ class Worker:
         found = worker_launcher.recover_dead_workers_jobs(self.queue, self.paths, self.worker_id)
         for job_id, state in found.items():
             log.warning("job %s: its worker died; %s", job_id, RECOVERED.get(state, state))
+            alerts.job_recovered(self.paths, self.queue, job_id, state)
 
     def _wait_for_work(self, next_recovery: float) -> None:
         settings = self.queue.settings()
@@ -414,6 +415,7 @@ class Worker:
         return outcome
 
     def _log_outcome(self, job: Dict[str, Any], outcome: executor.Outcome, state: str) -> None:
+        alerts.job_settled(self.paths, self.queue.settings(), job, outcome, state)
         if state == "completed":
             if self.log_jobs:
                 log.info("job %s: completed in %.3fs (attempt %d)", job["id"], outcome.duration,
