@@ -25,11 +25,12 @@ KEEP = 2  # rotated files kept beside the live one
 class RotatingStderr(logging.StreamHandler):
     """A handler on sys.stderr that rotates ``path`` once fd 2 (that file) passes ``max_bytes``."""
 
-    def __init__(self, path: "os.PathLike[str]", max_bytes: int = MAX_BYTES, keep: int = KEEP) -> None:
+    def __init__(self, path: "os.PathLike[str]", max_bytes: Optional[int] = None,
+                 keep: Optional[int] = None) -> None:
         super().__init__(sys.stderr)
         self.path = Path(path)
-        self.max_bytes = max_bytes
-        self.keep = keep
+        self.max_bytes = MAX_BYTES if max_bytes is None else max_bytes
+        self.keep = KEEP if keep is None else keep
 
     def emit(self, record: logging.LogRecord) -> None:
         super().emit(record)
