@@ -4,6 +4,8 @@ Run as ``python -m queuectl.supervisor --home DIR --count N``: ``queuectl worker
 --supervise`` starts it detached, ``queuectl supervise`` execs it in the foreground (systemd).
 
 - A worker that dies is replaced at once (the loop wakes on SIGCHLD), its exit status logged.
+  One that stops cleanly on another's request (SIGTERM by hand, ``worker stop --all-hosts``)
+  is not: the wanted count goes down by one instead.
 - A worker that dies within FAST_EXIT of its start is a crash loop in the making: after
   FREE_RESTARTS such deaths in a row, starts are spaced 1 s, 2 s, 4 s ... up to BACKOFF_MAX,
   one worker per try, until one lives FAST_EXIT; ``status`` shows the back-off.
@@ -289,10 +291,22 @@ class Supervisor:
             if alive:
                 continue
             del self.children[pid]
+            # A worker removes its PID file when it stops cleanly; one killed leaves it behind.
+            clean = code == 0 if child.proc is not None else \
+                not os.path.exists(worker_launcher.pid_file(self.paths, pid))
             worker_launcher.remove_pid_file(self.paths, pid)
             lived = now - child.started
             if child.stopping:
                 log.info("worker %d stopped (%s)", pid, describe_status(code))
+                continue
+            if clean:
+                # Stopped on someone else's request (a SIGTERM by hand, `worker stop
+                # --all-hosts`): keep one fewer rather than undo what they asked.
+                self.wanted = max(self.wanted - 1, 0)
+                _write_json(want_path(self.paths), {"count": self.wanted})
+                log.info("worker %d stopped on request (%s, not by this supervisor): now keeping "
+                         "%d worker(s); 'queuectl worker scale N' sets the count again", pid,
+                         describe_status(code), self.wanted)
                 continue
             self.owed += 1
             self.last_exit = {"pid": pid, "status": describe_status(code), "at": time.time(),

@@ -80,8 +80,8 @@ def soak(home: Path, queue, tmp_path: Path, jobs: int, kills: int, timeout: floa
     wait_until(lambda: not executor.pid_alive(pid), timeout=60, message="the supervisor stopped")
 
 
-@pytest.mark.sqlite_only  # the supervisor never touches the database; test_supervisor's kill
-def test_soak_2000_jobs_5_worker_kills(home: Path, queue, tmp_path: Path) -> None:  # test: both
+@pytest.mark.sqlite_only  # as test_supervisor: the supervisor never opens the database
+def test_soak_2000_jobs_5_worker_kills(home: Path, queue, tmp_path: Path) -> None:
     soak(home, queue, tmp_path, jobs=2000, kills=5, timeout=120)
 
 

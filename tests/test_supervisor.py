@@ -54,6 +54,9 @@ def supervisor_log(home: Path) -> str:
     return Path(supervisor.log_path(Paths(home))).read_text()
 
 
+# SQLite only: the supervisor never opens the database, and the recovery of a killed worker's
+# job is tested on both backends elsewhere (tests/test_hosts_pg.py, tests/reliability/).
+@pytest.mark.sqlite_only
 def test_killed_workers_are_replaced_and_no_job_is_lost(home: Path, queue) -> None:
     pid = start_supervised(home, 2)
     killed: List[int] = []
@@ -91,6 +94,15 @@ def test_killed_workers_are_replaced_and_no_job_is_lost(home: Path, queue) -> No
     wait_until(lambda: full_house(home, 1), timeout=10, message="1 worker")
     assert state(home)["pid"] == pid  # no restart
     assert state(home)["restarts"] == 2  # stopped on request: not deaths
+
+    # A stop through the database (a maintenance window) is not undone by the supervisor.
+    alone = full_house(home, 1)
+    assert run_queuectl("worker", "stop", "--all-hosts", home=home).returncode == 0
+    wait_until(lambda: full_house(home, 0) == [], timeout=20, message="the stop obeyed")
+    assert state(home)["wanted"] == 0 and not executor.pid_alive(alone[0])
+    assert "stopped on request" in supervisor_log(home)
+    assert "0 -> 2 worker(s)" in run_queuectl("worker", "scale", "2", home=home).stdout  # back
+    wait_until(lambda: full_house(home, 2), timeout=20, message="2 workers again")
 
     stop = run_queuectl("worker", "stop", home=home)
     assert "Stopped: supervisor and " in stop.stdout, stop.stdout + stop.stderr  # 1, or 2 if
@@ -196,8 +208,9 @@ def test_workers_that_die_at_once_are_backed_off(home: Path, foreground_supervis
 
 
 @pytest.mark.sqlite_only
-def test_supervise_in_the_foreground_logs_its_workers_to_its_stderr(home: Path,
-                                                                      foreground_supervisor) -> None:
+def test_supervise_in_the_foreground_logs_to_its_stderr_and_sigterm_lets_the_job_finish(
+        home: Path, foreground_supervisor) -> None:
+    assert run_queuectl("add", "--id", "slow", "sleep 1", home=home).returncode == 0
     proc = foreground_supervisor("--count", "1")
     (worker,) = wait_until(lambda: full_house(home, 1), timeout=20, message="a worker")
     assert state(home)["pid"] == proc.pid  # `supervise` execs the supervisor: one process
@@ -207,14 +220,10 @@ def test_supervise_in_the_foreground_logs_its_workers_to_its_stderr(home: Path,
     again = run_queuectl("supervise", home=home)
     assert again.returncode == 1 and "a supervisor already runs" in again.stderr
 
-
-@pytest.mark.sqlite_only
-def test_sigterm_lets_the_running_job_finish(home: Path, foreground_supervisor) -> None:
-    assert run_queuectl("add", "--id", "slow", "sleep 1", home=home).returncode == 0
-    proc = foreground_supervisor("--count", "1")
     wait_until(lambda: counts(home)["processing"], timeout=20, message="the job running")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # systemctl stop
     wait_until(lambda: (state(home) or {}).get("stopping"), timeout=10, message="stopping shown")
     assert proc.wait(timeout=30) == 0
     shown = json.loads(run_queuectl("show", "slow", "--json", home=home).stdout)
     assert (shown["state"], shown["attempts"]) == ("completed", 1)
+    assert not executor.pid_alive(worker)
