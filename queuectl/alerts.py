@@ -186,7 +186,12 @@ def job_settled(paths: Any, settings: Mapping[str, Any], job: Mapping[str, Any],
 
 def job_recovered(paths: Any, queue: Any, job_id: str, state: str) -> None:
     """A dead worker's job settled by recovery (say, moved to the DLQ): the same hooks."""
+    from queuectl.errors import NotFound
+
     settings = queue.settings()
     if state in EVENTS and (settings.get("on_failure") or settings.get("on_dead")):
-        job = queue.get(job_id)
+        try:
+            job = queue.get(job_id)
+        except NotFound:  # purged meanwhile: nobody left to tell about
+            return
         for_home(paths).job_settled(settings, job, job.get("last_error"), state)

@@ -13,8 +13,9 @@ Run as ``python -m queuectl.supervisor --home DIR --count N``: ``queuectl worker
   signal, or SIGUSR1, forces (SIGUSR1 to the workers: running jobs are killed and retried).
 - SIGHUP: re-read the wanted count (``worker scale N`` writes it, then signals) and end a
   back-off: the next start is tried at once.
-- Adoption: workers it did not start (its predecessor was SIGKILLed, or ``worker start``
-  started them) are counted and watched by PID; when one dies it is replaced by a child.
+- Adoption: detached workers it did not start (its predecessor was SIGKILLed, or ``worker
+  start`` started them) are counted and watched by PID; when one dies it is replaced by a
+  child. Workers attached to a terminal (``queuectl worker``) are left alone.
   Nothing is interrupted by a supervisor restart.
 
 Its state (PID, wanted count, workers, restarts, back-off) is ``supervisor.json`` in the home,
@@ -260,8 +261,8 @@ class Supervisor:
     def _adopt(self) -> None:
         """Take charge of the live workers already running for this home."""
         for info in worker_launcher.list_workers(self.paths):
-            if info.stopping:
-                continue  # finishing their job on someone's request; not ours to count
+            if info.stopping or info.mode == "foreground":
+                continue  # finishing their job on request, or someone's terminal's: not ours
             _host, pid, start = worker_launcher.parse_worker_id(info.worker_id)
             self.children[pid] = Child(pid, start, time.monotonic() - max(time.time() - info.started_at, 0))
         self.adopted = sorted(self.children)
