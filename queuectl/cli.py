@@ -631,6 +631,7 @@ def worker(ctx: click.Context, count: int, backoff_base: Optional[float]) -> Non
     \b
     Examples:
       queuectl worker start --count 3        # detached; returns at once
+      queuectl worker start -n 3 --supervise # ... kept alive by a supervisor
       queuectl worker status
       queuectl worker stop                   # graceful: current jobs finish
       queuectl worker -n 4 --backoff-base 3  # attached to this terminal; Ctrl-C stops
