@@ -30,20 +30,22 @@ def soak(home: Path, queue, tmp_path: Path, jobs: int, kills: int, timeout: floa
     trace = tmp_path / "ran.txt"
     queue.config_set("backoff_base", 0)  # an interrupted run is retried at once
     command = f'echo "$QUEUECTL_JOB_ID $QUEUECTL_ATTEMPT" >> {trace}'
-    now = queue.clock()
+    batches = kills + 1  # one batch before each kill, one after the last
 
-    def chunks():
-        for start in range(0, jobs, 1000):
-            yield [parse_job({"id": f"s{i}", "command": command}, now=now, default_cwd="/")
-                   for i in range(start, min(start + 1000, jobs))]
+    def enqueue(batch: int) -> None:
+        """Batch ``batch`` of the jobs, 1000 per transaction."""
+        ids = range(jobs * batch // batches, jobs * (batch + 1) // batches)
+        for start in range(ids.start, ids.stop, 1000):
+            now = queue.clock()
+            queue.enqueue([parse_job({"id": f"s{i}", "command": command}, now=now, default_cwd="/")
+                           for i in range(start, min(start + 1000, ids.stop))])
 
-    queue.enqueue_chunks(chunks())
     start_supervised(home, WORKERS)
     killed: List[int] = []
     for k in range(kills):
-        threshold = jobs * (k + 1) // (kills + 2)
-        wait_until(lambda: queue.counts()["completed"] >= threshold, timeout=timeout,
-                   interval=0.05, message=f"{threshold} jobs done")
+        # Work arrives in batches so that a kill always finds a busy worker, however fast the
+        # workers drain and however long a replacement waits out its back-off.
+        enqueue(k)
 
         def busy_worker() -> Optional[int]:
             pids = [int(job["worker_id"].split(":")[1]) for job in queue.processing()]
@@ -52,9 +54,10 @@ def soak(home: Path, queue, tmp_path: Path, jobs: int, kills: int, timeout: floa
         victim = wait_until(busy_worker, timeout=timeout, interval=0.005, message="a busy worker")
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)
-        # Replaced (after a back-off if the kills come faster than FAST_EXIT).
+        # Replaced (after a back-off when kills come faster than supervisor.FAST_EXIT).
         wait_until(lambda: full_house(home, WORKERS, without=tuple(killed)), timeout=90,
                    message=f"kill {k + 1} replaced")
+    enqueue(kills)
     wait_until(lambda: queue.counts()["completed"] == jobs, timeout=timeout, interval=0.1,
                message="every job completed")
     counts = queue.counts()
