@@ -27,10 +27,11 @@ class Chore:
 
 def for_worker(queue: Any, paths: Any) -> List[Chore]:
     """The chores a worker does; a feature that needs one adds it here."""
+    from queuectl import alerts
     from queuectl.schedules import Schedules
 
     # Schedules: one indexed read a second when none is due (queuectl/schedules.py).
-    return [Chore("schedules", 1.0, Schedules(queue).fire_due)]
+    return [Chore("schedules", 1.0, Schedules(queue).fire_due), alerts.for_home(paths).chore]
 
 
 def run_due(chores: List[Chore]) -> None:

@@ -631,6 +631,7 @@ def worker(ctx: click.Context, count: int, backoff_base: Optional[float]) -> Non
     \b
     Examples:
       queuectl worker start --count 3        # detached; returns at once
+      queuectl worker start -n 3 --supervise # ... kept alive by a supervisor
       queuectl worker status
       queuectl worker stop                   # graceful: current jobs finish
       queuectl worker -n 4 --backoff-base 3  # attached to this terminal; Ctrl-C stops
@@ -650,14 +651,25 @@ def worker(ctx: click.Context, count: int, backoff_base: Optional[float]) -> Non
 @click.option("--backoff-base", type=float, help="Override config backoff_base for these workers.")
 @click.option("--log-jobs", is_flag=True,
               help="Detached workers log every job's start and completion too (failures always are).")
-def worker_start(count: int, foreground: bool, backoff_base: Optional[float], log_jobs: bool) -> None:
+@click.option("--supervise", is_flag=True,
+              help="Start a supervisor that keeps the N workers alive (with --foreground: "
+                   "the same as `queuectl supervise`).")
+def worker_start(count: int, foreground: bool, backoff_base: Optional[float], log_jobs: bool,
+                 supervise: bool) -> None:
     """Start N workers; detached by default (PID files in workers/, logs in logs/)."""
     _check_count(count)
     options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
     queue = _queue()
-    from queuectl import worker_launcher
+    from queuectl import cli_service, worker_launcher
 
     paths = _paths()
+    if supervise:
+        if foreground:
+            cli_service.run_foreground(count, options)
+        cli_service.start_supervised(count, options)
+        return
+    if not foreground and cli_service.forward_start(count):
+        return
     if foreground:
         if queue.paused():
             _print_notes(queue, only=PAUSED_NOTE)
@@ -692,8 +704,10 @@ def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool) -> N
         raise InvalidInput(f"COUNT must be from 0 to 256, got {count}")
     options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
     queue = _queue()
-    from queuectl import worker_launcher
+    from queuectl import cli_service, worker_launcher
 
+    if cli_service.scale_supervised(count):
+        return
     started, stopped, before = worker_launcher.scale_workers(_paths(), count, options)
     if started:
         click.echo(f"Started {len(started)} worker(s) with PIDs: {', '.join(map(str, started))} "
@@ -721,10 +735,12 @@ def worker_stop(wait_s: float, force: bool, all_hosts: bool) -> None:
     database instead (each sees it within about a second, then stops as on SIGTERM, or as
     --force), and waits up to --wait for them to be gone.
     """
-    from queuectl import worker_launcher
+    from queuectl import cli_service, worker_launcher
 
     if all_hosts:
         _stop_all_hosts(wait_s, force)
+        return
+    if cli_service.stop_supervised(wait_s, force):
         return
     report = worker_launcher.stop_workers(_paths(), wait=wait_s, force=force)
     if not report.signalled:
@@ -778,6 +794,11 @@ def worker_status(as_json: bool, wide: bool) -> None:
     This host's come from PID files (checked by PID); other hosts' from the database's
     registry, where a worker that stopped beating shows once as "gone" and is forgotten.
     """
+    if not as_json:  # first: it tells why workers are missing even when the database is down
+        from queuectl.cli_service import supervisor_lines
+
+        for line in supervisor_lines(_paths()):
+            click.echo(line)
     rows = _worker_rows()
     if as_json:
         _emit_json(rows)
@@ -802,6 +823,7 @@ def status(as_json: bool) -> None:
     workers = _worker_rows(queue)
     orphaned = sum(1 for alive in _workers_alive(queue.processing()).values() if not alive) \
         if counts["processing"] else 0
+    from queuectl.cli_service import supervisor_lines, supervisor_state
     from queuectl.schedules import Schedules
 
     schedules = Schedules(queue).summary()
@@ -809,7 +831,7 @@ def status(as_json: bool) -> None:
     if as_json:
         _emit_json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
                     "paused_since": paused, "orphaned": orphaned, "workers": workers,
-                    "schedules": schedules})
+                    "schedules": schedules, "supervisor": supervisor_state(_paths())})
         return
     if paused is not None:
         click.echo(f"Queue: PAUSED since {format_instant(paused)} (workers claim nothing new; "
@@ -838,6 +860,8 @@ def status(as_json: bool) -> None:
         click.echo(f"Schedules: {schedules['count']}"
                    + (f" ({schedules['paused']} paused)" if schedules["paused"] else "")
                    + (f"; next: {first['name']} at {_when(first['next_at'], time.time())}" if first else ""))
+    for line in supervisor_lines(_paths()):
+        click.echo(line)
 
 
 def _workers_alive(jobs: Sequence[Dict[str, Any]]) -> Dict[str, bool]:
@@ -1467,6 +1491,12 @@ def dashboard(host: str, port: int, token: Optional[str]) -> None:
     click.echo("Press Ctrl-C to stop.")
     board.run(server)
     click.echo("Dashboard stopped.")
+
+
+from queuectl import cli_service  # noqa: E402 - last: it needs nothing from here at import
+
+cli.add_command(cli_service.supervise)
+cli.add_command(cli_service.service)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from queuectl.errors import InvalidInput, NotFound
 class Setting:
     default: Any
     kind: type
-    low: float
+    low: float       # numbers: the valid range; strings: high is the longest allowed
     high: float
     help: str
     optional: bool = False  # accepts "none" meaning "no limit" (0 is refused, as in add)
@@ -35,6 +35,11 @@ SETTINGS: Dict[str, Setting] = {
                              "(worker frozen or gone) returns to the retry path", seconds=True),
     "capture_env": Setting(True, bool, 0, 1, "jobs run with the environment of the command that "
                            "enqueued them (false: the worker's environment)"),
+    "on_failure": Setting(None, str, 0, 4096, "a shell command run when a job's run fails (job "
+                          "id, state, attempt, error in QUEUECTL_* variables; 'none' = off)",
+                          optional=True),
+    "on_dead": Setting(None, str, 0, 4096, "a shell command run when a job lands in the DLQ "
+                       "('none' = off)", optional=True),
     "db_tail_bytes": Setting(65536, int, 0, 16 * 1024 * 1024,
                              "bytes of each attempt's output kept in the database: what `show` "
                              "prints, and `logs` on a host other than the one that ran it"),
@@ -60,6 +65,8 @@ def parse_value(key: str, raw: Any) -> Any:
     """Validate a user-supplied value (string from the CLI or a JSON value) for ``key``."""
     setting = SETTINGS[key]
     text = str(raw).strip()
+    if setting.kind is str:
+        return _text(key, raw, setting)
     if setting.kind is bool:
         if isinstance(raw, bool):
             return raw
@@ -107,6 +114,22 @@ def parse_value(key: str, raw: Any) -> Any:
         raise InvalidInput(f"invalid value {raw!r} for {key}: must be 0 (retry at once) or from 1 "
                            "to 1000 (a base below 1 would make each delay shorter than the last)")
     return number
+
+
+def _text(key: str, raw: Any, setting: Setting) -> Optional[str]:
+    """A string setting (a hook's command): 'none' or empty unsets it; at most ``high`` chars."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise InvalidInput(f"invalid value {raw!r} for {key}: expected a string (a shell command)")
+    text = raw.strip()
+    if text.lower() in ("", "none", "null", "off"):
+        return None
+    if len(text) > setting.high:
+        raise InvalidInput(f"invalid value for {key}: at most {_fmt(setting.high)} characters")
+    if "\0" in text:
+        raise InvalidInput(f"invalid value for {key}: contains a NUL character")
+    return text
 
 
 def _fmt(number: float) -> str:

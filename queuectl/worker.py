@@ -17,7 +17,7 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from queuectl import config as cfg
-from queuectl import chores, executor, worker_launcher
+from queuectl import alerts, chores, executor, logfiles, worker_launcher
 from queuectl.errors import QueueError
 from queuectl.models import WORKER_VARS, Queue
 from queuectl.paths import Paths, private_dir
@@ -55,8 +55,9 @@ RECOVERED = {  # what a recovered job's new state means, for the worker log
 
 class Worker:
     def __init__(self, paths: Paths, overrides: Optional[Dict[str, Any]] = None,
-                 foreground: bool = False, log_jobs: bool = False) -> None:
+                 foreground: bool = False, log_jobs: bool = False, mode: str = "detached") -> None:
         self.paths = paths
+        self.mode = "foreground" if foreground else mode
         self.overrides = overrides or {}
         self.foreground = foreground
         # One line per started and completed job: ~100 us per job through logging, a fifth
@@ -121,7 +122,7 @@ class Worker:
         paths = self.paths
         for directory in (paths.workers_dir, paths.job_logs_dir):
             private_dir(directory)
-        record = worker_launcher.write_pid_file(paths, self.pid, "foreground" if self.foreground else "detached")
+        record = worker_launcher.write_pid_file(paths, self.pid, self.mode)
         self.worker_id = record["worker_id"]
         self.started_at, self.mode = float(record["started_at"]), str(record["mode"])
         os.environ["QUEUECTL_HOME"] = str(paths.home)  # every job sees it (set once, not per job)
@@ -279,6 +280,7 @@ class Worker:
         found = worker_launcher.recover_dead_workers_jobs(self.queue, self.paths, self.worker_id)
         for job_id, state in found.items():
             log.warning("job %s: its worker died; %s", job_id, RECOVERED.get(state, state))
+            alerts.job_recovered(self.paths, self.queue, job_id, state)
 
     def _wait_for_work(self, next_recovery: float) -> None:
         settings = self.queue.settings()
@@ -413,6 +415,7 @@ class Worker:
         return outcome
 
     def _log_outcome(self, job: Dict[str, Any], outcome: executor.Outcome, state: str) -> None:
+        alerts.job_settled(self.paths, self.queue.settings(), job, outcome, state)
         if state == "completed":
             if self.log_jobs:
                 log.info("job %s: completed in %.3fs (attempt %d)", job["id"], outcome.duration,
@@ -441,14 +444,14 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--backoff-base", help="override backoff_base for this worker")
     parser.add_argument("--foreground", action="store_true", help="attached to a terminal; logs every job")
     parser.add_argument("--log-jobs", action="store_true", help="log every job's start and completion")
+    parser.add_argument("--supervised", action="store_true", help="started by queuectl's supervisor")
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    logfiles.setup("worker", Paths(args.home).worker_log(os.getpid()))
     try:
         overrides = ({"backoff_base": cfg.parse_value("backoff_base", args.backoff_base)}
                      if args.backoff_base is not None else {})
         return Worker(Paths(args.home), overrides, foreground=args.foreground,
-                      log_jobs=args.log_jobs).run()
+                      log_jobs=args.log_jobs, mode="supervised" if args.supervised else "detached").run()
     except QueueError as exc:
         log.error("%s", exc)
         return 1

@@ -277,19 +277,33 @@ def _child_env(paths: Paths) -> Dict[str, str]:
     return env
 
 
-def start_detached(paths: Paths, count: int, options: Sequence[str] = ()) -> List[int]:
-    """Start ``count`` workers in their own sessions and return their PIDs at once."""
-    private_dir(paths.logs_dir)
+def spawn(paths: Paths, options: Sequence[str] = (), mode: str = "detached",
+          log_to_file: bool = True) -> "subprocess.Popen[bytes]":
+    """Start one worker in its own session and write its PID file. Its stderr is
+    logs/worker-<pid>.log (``log_to_file``; the worker rotates it), else ours (a terminal,
+    or the journal under systemd)."""
     private_dir(paths.workers_dir)
-    pids = []
-    for _ in range(count):
+    argv = _worker_argv(paths, [*options, "--supervised"] if mode == "supervised" else options)
+    if not log_to_file:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True,
+                                close_fds=True, cwd=str(paths.home), env=_child_env(paths))
+    else:
+        private_dir(paths.logs_dir)
         launch_log = paths.logs_dir / f".worker-starting-{os.getpid()}-{time.monotonic_ns()}.log"
         with os.fdopen(private_file(launch_log, os.O_WRONLY | os.O_APPEND), "ab") as log:
-            proc = subprocess.Popen(_worker_argv(paths, options), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
                                     close_fds=True, cwd=str(paths.home), env=_child_env(paths))
         os.replace(launch_log, paths.worker_log(proc.pid))
-        write_pid_file(paths, proc.pid, "detached")
+    write_pid_file(paths, proc.pid, mode)
+    return proc
+
+
+def start_detached(paths: Paths, count: int, options: Sequence[str] = ()) -> List[int]:
+    """Start ``count`` workers in their own sessions and return their PIDs at once."""
+    pids = []
+    for _ in range(count):
+        proc = spawn(paths, options)
         proc.returncode = 0  # never waited on by us; keeps Popen.__del__ from warning
         pids.append(proc.pid)
     return pids
