@@ -27,7 +27,9 @@ class Chore:
 
 def for_worker(queue: Any, paths: Any) -> List[Chore]:
     """The chores a worker does; a feature that needs one adds it here."""
-    return []
+    from queuectl import retention
+
+    return [*retention.chores_for(queue, paths)]
 
 
 def run_due(chores: List[Chore]) -> None:
