@@ -1326,13 +1326,10 @@ def purge(states: Sequence[str], older_than: Optional[str], dry_run: bool) -> No
             click.echo(job_id)
         click.echo(f"Would purge {len(ids)} job(s) (dry run: nothing deleted).", err=True)
         return
+    from queuectl.retention import remove_logs
+
     ids = _queue().purge(states, age)
-    paths = _paths()
-    for job_id in ids:
-        try:
-            os.unlink(paths.job_log(job_id))
-        except FileNotFoundError:
-            pass
+    remove_logs(_paths(), ids)
     click.echo(f"Purged {len(ids)} job(s).")
 
 
@@ -1455,6 +1452,11 @@ def dashboard(host: str, port: int, token: Optional[str]) -> None:
     click.echo("Press Ctrl-C to stop.")
     board.run(server)
     click.echo("Dashboard stopped.")
+
+
+from queuectl.cli_stats import stats as _stats_command  # noqa: E402 - after cli exists
+
+cli.add_command(_stats_command)
 
 
 def main() -> None:
