@@ -1146,6 +1146,10 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
         state = queue.get(job["id"])["state"]
         try:
             with open(path, "rb") as handle:
+                if handle.seek(0, os.SEEK_END) < offset:  # cut at max_log_bytes meanwhile
+                    offset = handle.tell()
+                    click.echo("queuectl: the log was cut at max_log_bytes; following on "
+                               "from its end", err=True)
                 handle.seek(offset)
                 chunk = handle.read()
         except FileNotFoundError:

@@ -48,7 +48,7 @@ SETTINGS: Dict[str, Setting] = {
     "keep_cancelled": Setting(604800.0, float, 1, 315_360_000, "cancelled jobs are deleted this long "
                               "after they were cancelled ('none' = kept forever)", optional=True,
                               seconds=True),
-    "max_log_bytes": Setting(64 * 1024 * 1024, int, 4096, 1 << 40,
+    "max_log_bytes": Setting(64 * 1024 * 1024, int, 65536, 1 << 40,
                              "output kept per attempt in its log file: beyond it the head and the "
                              "tail stay and the cut is marked ('none' = no cap)", optional=True),
 }
