@@ -210,3 +210,24 @@ def test_a_running_worker_purges_completed_jobs_and_their_logs(home, workers, pa
         assert q.store.counter_totals()[("runs_total", '{"outcome":"completed"}')] == 3
     finally:
         store.close()
+
+
+def test_a_replace_that_loses_its_job_meanwhile_checks_again(queue, mocker):
+    """PostgreSQL: retention may delete a completed job between the enqueue's check and its
+    update (READ COMMITTED). The update then changes nothing; the enqueue must run again
+    (and add the job anew), never report success for a job that is not there."""
+    add(queue, "nightly")
+    run_next(queue, "nightly")
+    real = queue.store.update_job
+    calls = []
+
+    def first_misses(job_id, fields, **kw):
+        calls.append(job_id)
+        return 0 if len(calls) == 1 else real(job_id, fields, **kw)
+
+    mocker.patch.object(queue.store, "update_job", side_effect=first_misses)
+    spec = parse_job({"id": "nightly", "command": "echo again"}, now=queue.clock(), default_cwd="/")
+    assert queue.enqueue([spec], if_exists="replace")[0].created
+    assert len(calls) == 2
+    job = queue.get("nightly")
+    assert job["state"] == "pending" and job["command"] == "echo again"
