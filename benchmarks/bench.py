@@ -22,6 +22,15 @@ Scenarios (see issue 4):
   W4  scale: W1 again with 20k and 100k completed jobs (and their run records) in the table.
   M1  memory: RSS of an idle worker, and after it ran its share of W1..W4.
   M2  memory: peak RSS of one `queuectl enqueue --file` of 1M lines (100k with --quick).
+  R1  W1 during retention (issue 14): W1's drain while the workers' retention chore deletes
+      a backlog of old completed jobs and their log files the whole time; against L0f of the
+      same run (deleting files slows ext4's next creations; L0f pays per-file creation too).
+  F1  first drain of a fresh install: N `true` jobs into a new home with 2 idle workers,
+      timed from the start of `queuectl enqueue --file` (as a user sees it) to the last
+      finished_at; against L0. R1 and F1 are each bracketed by two runs of their reference
+      (L0f, L0) and the median ratio of 3 (--service: 5) is reported, with every run's.
+
+    python benchmarks/bench.py --service   # only L0, L0f, W1, R1 and F1 (a few minutes)
 
 Every process the bench starts is ended (workers by PID, spawners by PID), also on Ctrl-C.
 """
@@ -270,6 +279,102 @@ def warm_directory(directory: Path, count: int) -> None:
         os.close(os.open(directory / f"warm-{i}", os.O_WRONLY | os.O_CREAT, 0o644))
 
 
+def add_old_completed(paths: Paths, store: Store, count: int, age: float = 2 * 86400) -> None:
+    """``count`` completed jobs that finished ``age`` ago, each with a small log file: what
+    retention has to delete in a home that ran for a while."""
+    now = time.time()
+    cwd = os.getcwd()
+    with store.transaction():
+        ids = store.insert_jobs([(None, "true", 0, 0, None, None, cwd, now - age, now - age, None, 0,
+                                  None)] * count)
+        done = {"state": "completed", "attempts": 1, "started_at": now - age, "finished_at": now - age}
+        for job_id in ids:
+            store.update_job(job_id, done)
+    for job_id in ids:
+        fd = os.open(paths.job_log_name(job_id), os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"=== old output ===\n")
+        os.close(fd)
+
+
+def bench_retention(paths: Paths, store: Store, n: int, repeat: int, backlog: int,
+                    spawns: int) -> Dict[str, Any]:
+    """W1 again while retention purges, each time bracketed by two L0f runs (the machine's
+    load drifts; the ratio is to their mean) and next to a W1 drain without retention: a
+    backlog of old completed jobs (and logs) is topped up, keep_completed set so only it is
+    due, and the drain starts once the workers are purging; the backlog outlasts the drain
+    (purged_during > 0 with some left)."""
+    queue = Queue(store)
+    runs = []
+    leftover = 0
+    for _ in range(repeat):
+        l0f_a = bench_l0(paths.home.parent, spawns, per_job_file=True,
+                         out=paths.job_logs_dir)["L0_spawns_per_s"]
+        plain = drain(paths, store, n)["rate"]
+        add_old_completed(paths, store, backlog)
+        before = store.counts().get("completed", 0)
+        queue.config_set("keep_completed", "1d")
+        deadline = time.monotonic() + 30
+        while store.counts().get("completed", 0) >= before:  # the chores noticed
+            if time.monotonic() > deadline:
+                raise RuntimeError("retention did not start purging")
+            time.sleep(0.05)
+        start = store.counts().get("completed", 0)
+        rate = drain(paths, store, n)["rate"]
+        end = store.counts().get("completed", 0) - n
+        queue.config_set("keep_completed", "none")  # the rest of the bench keeps its rows
+        due = leftover + backlog                  # old jobs due when keep_completed was set
+        leftover = due - (before - end)           # still due when the drain ended
+        l0f_b = bench_l0(paths.home.parent, spawns, per_job_file=True,
+                         out=paths.job_logs_dir)["L0_spawns_per_s"]
+        runs.append({"rate": rate, "purged": start - end, "left": leftover,
+                     "vs_l0f": rate / ((l0f_a + l0f_b) / 2), "vs_w1": rate / plain})
+    runs.sort(key=lambda r: r["vs_l0f"])
+    mid = runs[len(runs) // 2]
+    return {"R1_jobs_per_s": mid["rate"], "R1_purged_during_drain": mid["purged"],
+            "R1_backlog_left": mid["left"],
+            "R1_vs_L0f": mid["vs_l0f"], "R1_vs_W1": statistics.median(r["vs_w1"] for r in runs),
+            "R1_vs_L0f_runs": [round(r["vs_l0f"], 3) for r in runs],
+            "R1_vs_W1_runs": sorted(round(r["vs_w1"], 3) for r in runs)}
+
+
+def bench_fresh(base: Path, n: int, repeat: int, spawns: int) -> Dict[str, Any]:
+    """A user's first drain: new home, 2 workers started, `enqueue --file` of n jobs, timed
+    from the command's start to the last job's finished_at; each bracketed by two L0 runs
+    (the ratio is to their mean). The median ratio is reported, with every run's."""
+    jobs_file = base / "fresh.jsonl"
+    jobs_file.write_text('{"command": "true"}\n' * n)
+    qctl = queuectl_argv()
+    runs = []
+    for i in range(repeat):
+        paths = new_home(base, f"fresh-{i}")
+        env = dict(os.environ, QUEUECTL_HOME=str(paths.home))
+        pids = start_workers(paths)
+        store = open_store(paths, "reader")
+        try:
+            l0_a = bench_l0(base, spawns)["L0_spawns_per_s"]
+            t0 = time.time()
+            subprocess.run([*qctl, "enqueue", "--file", str(jobs_file)], env=env, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + max(120, n / 50)
+            while store.span(1, n)["left"]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("fresh drain did not finish")
+                time.sleep(0.05)
+            span = store.span(1, n)
+            rate = n / (span["finished_at"] - t0)
+            l0_b = bench_l0(base, spawns)["L0_spawns_per_s"]
+            # Where the time went: the enqueue command, then the drain itself.
+            runs.append((rate / ((l0_a + l0_b) / 2), rate, span["started_at"] - t0,
+                         n / (span["finished_at"] - span["started_at"]) / ((l0_a + l0_b) / 2)))
+        finally:
+            store.close()
+            stop_workers(paths, pids)
+    runs.sort()
+    ratio, rate, to_first, drain_ratio = runs[len(runs) // 2]
+    return {"F1_jobs_per_s": rate, "F1_vs_L0": ratio, "F1_vs_L0_runs": [round(r[0], 3) for r in runs],
+            "F1_to_first_start_s": to_first, "F1_drain_only_vs_L0": drain_ratio}
+
+
 def bench_w2(paths: Paths, store: Store, samples: int, pause: float) -> Dict[str, Any]:
     lat = []
     for _ in range(samples):
@@ -359,11 +464,11 @@ def bench_m2(base: Path, lines: int) -> Dict[str, Any]:
 
 
 # -- the run ----------------------------------------------------------------------------------------
-def run(quick: bool, keep: bool) -> Dict[str, Any]:
+def run(quick: bool, keep: bool, service: bool = False) -> Dict[str, Any]:
     size = dict(spawns=300, drain=1000, warm=2_000, repeat=1, samples=30, pause=0.02, idle=1.5, bulk=20_000, calls=5,
-                scale=(4_000, 20_000)) if quick else \
+                scale=(4_000, 20_000), backlog=4_000, frepeat=1) if quick else \
         dict(spawns=2_000, drain=5_000, warm=10_000, repeat=3, samples=100, pause=0.05, idle=4.0, bulk=100_000, calls=20,
-             scale=(20_000, 100_000))
+             scale=(20_000, 100_000), backlog=20_000, frepeat=5 if service else 3)
     base = Path(tempfile.mkdtemp(prefix="queuectl-bench-"))
     res: Dict[str, Any] = {"quick": quick, "sizes": size}
     # Child processes (workers, CLI calls, spawners) cache their bytecode, as an installed
@@ -372,14 +477,17 @@ def run(quick: bool, keep: bool) -> Dict[str, Any]:
     os.environ["PYTHONPYCACHEPREFIX"] = str(base / "pycache")
     try:
         res.update(bench_l0(base, size["spawns"]))
+        # F1 first: a fresh home on a file system the rest of the bench has not churned yet.
+        res.update(bench_fresh(base, size["drain"], size["frepeat"], size["spawns"]))
 
         paths = new_home(base, "main")
         os.environ["QUEUECTL_HOME"] = str(paths.home)
         store = open_store(paths, "cli")  # the enqueue side is a CLI-like, durable connection
         pids = start_workers(paths)
         res["M1_idle_rss_mb"] = max(rss_mb(pid) for pid in pids)
-        res["W2_idle_cpu_pct"] = idle_cpu(pids, size["idle"])
-        res.update(bench_w2(paths, store, size["samples"], size["pause"]))
+        if not service:
+            res["W2_idle_cpu_pct"] = idle_cpu(pids, size["idle"])
+            res.update(bench_w2(paths, store, size["samples"], size["pause"]))
 
         # A fresh directory is cold on ext4 here: the first few thousand files created in it
         # cost up to 0.7-1.4 ms of system CPU each, then ~25 us (perf: the inode allocator
@@ -402,6 +510,12 @@ def run(quick: bool, keep: bool) -> Dict[str, Any]:
         res["L0f_spawns_per_s"] = bench_l0(base, size["spawns"], per_job_file=True,
                                            out=paths.job_logs_dir)["L0_spawns_per_s"]
         res["W1_vs_L0f"] = w1["rate"] / res["L0f_spawns_per_s"]
+        res.update(bench_retention(paths, store, size["drain"], size["frepeat"], size["backlog"],
+                                   size["spawns"]))
+        if service:
+            stop_workers(paths, pids)
+            store.close()
+            return res
         time.sleep(0.3)
         res["M1_rss_after_mb"] = max(rss_mb(pid) for pid in pids)
         res["M1_growth_mb"] = res["M1_rss_after_mb"] - res["M1_idle_rss_mb"]
@@ -434,6 +548,13 @@ TARGETS = [  # (label, key, format, target text, check)
     ("W1 first drain, cold log directory", "W1_cold_jobs_per_s", "{:,.0f}/s", "(information)", None),
     ("W1 / L0", "W1_vs_L0", "{:.2f}", ">= 0.80", lambda v: v >= 0.80),
     ("W1 / L0f", "W1_vs_L0f", "{:.2f}", "(information)", None),
+    ("R1 W1 during retention", "R1_jobs_per_s", "{:,.0f}/s", "", None),
+    ("R1 / L0f", "R1_vs_L0f", "{:.2f}", ">= 0.80", lambda v: v >= 0.80),
+    ("R1 / W1 (retention's cost)", "R1_vs_W1", "{:.2f}", ">= 0.95", lambda v: v >= 0.95),
+    ("F1 first drain, fresh home, from enqueue", "F1_jobs_per_s", "{:,.0f}/s", "", None),
+    ("F1 / L0", "F1_vs_L0", "{:.2f}", ">= 0.85", lambda v: v >= 0.85),
+    ("F1 enqueue start to first job start", "F1_to_first_start_s", "{:.2f} s", "(information)", None),
+    ("F1 drain alone / L0", "F1_drain_only_vs_L0", "{:.2f}", "(information)", None),
     ("W2 pickup latency p50", "W2_p50_ms", "{:.1f} ms", "<= 10 ms", lambda v: v <= 10),
     ("W2 pickup latency p95", "W2_p95_ms", "{:.1f} ms", "<= 30 ms", lambda v: v <= 30),
     ("W2 idle worker CPU (max of 2)", "W2_idle_cpu_pct", "{:.2f} %", "< 1 %", lambda v: v < 1),
@@ -517,6 +638,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a < 60 s smoke run (CI)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--service", action="store_true",
+                        help="only the figures of running as a service: L0, L0f, W1, R1, F1")
     parser.add_argument("--keep", action="store_true", help="keep the temporary homes for inspection")
     parser.add_argument("--db", metavar="URL", help="run on PostgreSQL: postgresql://USER@HOST/DB "
                         "(a schema per scenario, dropped afterwards); default: SQLite in each home")
@@ -539,7 +662,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for url in ([None, args.both] if args.both else [args.db]):
             if url and not _pg_base:
                 _pg_base.append(url)
-            res = run(args.quick, args.keep)
+            res = run(args.quick, args.keep, args.service)
             res["env"] = environment()
             res["bench_seconds"] = time.monotonic() - started
             runs.append(res)

@@ -27,11 +27,12 @@ class Chore:
 
 def for_worker(queue: Any, paths: Any) -> List[Chore]:
     """The chores a worker does; a feature that needs one adds it here."""
-    from queuectl import alerts
+    from queuectl import alerts, retention
     from queuectl.schedules import Schedules
 
     # Schedules: one indexed read a second when none is due (queuectl/schedules.py).
-    return [Chore("schedules", 1.0, Schedules(queue).fire_due), alerts.for_home(paths).chore]
+    return [Chore("schedules", 1.0, Schedules(queue).fire_due), alerts.for_home(paths).chore,
+            *retention.chores_for(queue, paths)]
 
 
 def run_due(chores: List[Chore]) -> None:

@@ -1182,6 +1182,10 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
         state = queue.get(job["id"])["state"]
         try:
             with open(path, "rb") as handle:
+                if handle.seek(0, os.SEEK_END) < offset:  # cut at max_log_bytes meanwhile
+                    offset = handle.tell()
+                    click.echo("queuectl: the log was cut at max_log_bytes; following on "
+                               "from its end", err=True)
                 handle.seek(offset)
                 chunk = handle.read()
         except FileNotFoundError:
@@ -1362,13 +1366,10 @@ def purge(states: Sequence[str], older_than: Optional[str], dry_run: bool) -> No
             click.echo(job_id)
         click.echo(f"Would purge {len(ids)} job(s) (dry run: nothing deleted).", err=True)
         return
+    from queuectl.retention import remove_logs
+
     ids = _queue().purge(states, age)
-    paths = _paths()
-    for job_id in ids:
-        try:
-            os.unlink(paths.job_log(job_id))
-        except FileNotFoundError:
-            pass
+    remove_logs(_paths(), ids)
     click.echo(f"Purged {len(ids)} job(s).")
 
 
@@ -1497,6 +1498,10 @@ from queuectl import cli_service  # noqa: E402 - last: it needs nothing from her
 
 cli.add_command(cli_service.supervise)
 cli.add_command(cli_service.service)
+
+from queuectl.cli_stats import stats as _stats_command  # noqa: E402 - after cli exists
+
+cli.add_command(_stats_command)
 
 
 def main() -> None:

@@ -43,6 +43,19 @@ SETTINGS: Dict[str, Setting] = {
     "db_tail_bytes": Setting(65536, int, 0, 16 * 1024 * 1024,
                              "bytes of each attempt's output kept in the database: what `show` "
                              "prints, and `logs` on a host other than the one that ran it"),
+    # Retention (queuectl/retention.py): workers delete finished jobs and their logs once
+    # they are this old; 'none' keeps them forever.
+    "keep_completed": Setting(604800.0, float, 1, 315_360_000, "completed jobs (and their logs) "
+                              "are deleted this long after they finished ('none' = kept forever)",
+                              optional=True, seconds=True),
+    "keep_dead": Setting(None, float, 1, 315_360_000, "dead jobs (the DLQ) are deleted this long "
+                         "after they died ('none' = kept forever)", optional=True, seconds=True),
+    "keep_cancelled": Setting(604800.0, float, 1, 315_360_000, "cancelled jobs are deleted this long "
+                              "after they were cancelled ('none' = kept forever)", optional=True,
+                              seconds=True),
+    "max_log_bytes": Setting(64 * 1024 * 1024, int, 65536, 1 << 40,
+                             "output kept per attempt in its log file: beyond it the head and the "
+                             "tail stay and the cut is marked ('none' = no cap)", optional=True),
 }
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 # Names used by earlier queuectl designs that users still type.
@@ -98,7 +111,7 @@ def parse_value(key: str, raw: Any) -> Any:
                                + (" or 'none'" if setting.optional else "")) from None
     if setting.optional and number == 0:
         raise InvalidInput(f"invalid value {raw!r} for {key}: must be greater than 0 "
-                           "('none' means no timeout)")
+                           "('none' means no limit)")
     if number != number or number in (float("inf"), float("-inf")):  # 'nan', 'inf', 1e999
         raise InvalidInput(f"invalid value {raw!r} for {key}: must be from {_fmt(setting.low)} "
                            f"to {_fmt(setting.high)}")

@@ -199,6 +199,9 @@ def run(server: DashboardServer) -> None:
         server.server_close()
 
 
+METRICS_PATH = "/metrics"  # Prometheus text format; a read like /api/ (token off loopback)
+
+
 class HttpError(Exception):
     def __init__(self, status: HTTPStatus, message: str) -> None:
         super().__init__(message)
@@ -246,7 +249,7 @@ class Handler(BaseHTTPRequestHandler):
         name = urlsplit(f"//{host}").hostname or ""
         if server.loopback and name not in LOOPBACK_NAMES | {server.host}:
             return "unexpected Host header (use the URL printed by queuectl dashboard)"
-        if not (write or path.startswith("/api/")):
+        if not (write or path.startswith("/api/") or path == METRICS_PATH):
             return None  # the page itself holds no data
         fetch_site = self.headers.get("Sec-Fetch-Site")
         if fetch_site is not None and fetch_site not in ("same-origin", "none"):
@@ -256,6 +259,9 @@ class Handler(BaseHTTPRequestHandler):
             return "cross-site request refused (Origin does not match this dashboard)"
         if write or not server.open_reads:
             given = self.headers.get(TOKEN_HEADER) or ""
+            bearer = self.headers.get("Authorization") or ""
+            if not given and path == METRICS_PATH and bearer.startswith("Bearer "):
+                given = bearer[len("Bearer "):].strip()  # what Prometheus' bearer_token sends
             if not hmac.compare_digest(given.encode(), server.token.encode()):
                 where = ("the token given with --token or QUEUECTL_DASHBOARD_TOKEN" if server.token_chosen
                          else "the token printed at start-up")
@@ -273,6 +279,12 @@ class Handler(BaseHTTPRequestHandler):
                 self._post(path)
             elif path.startswith("/api/"):
                 self._get_api(path, parse_qs(parts.query))
+            elif path == METRICS_PATH:
+                from queuectl import metrics
+
+                with self._queue() as queue:
+                    body = metrics.render(queue.metrics_snapshot()).encode("utf-8")
+                self._send(HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
             elif path in STATIC:
                 name, content_type = STATIC[path]
                 self._send(HTTPStatus.OK, static_file(name), content_type)

@@ -142,6 +142,22 @@ MIGRATIONS: "list[str]" = [
     );
     CREATE INDEX schedule_skips_name ON schedule_skips(name, at);
     """,
+    # Running it as a service (issue 14): retention deletes the oldest finished jobs of a
+    # state in small batches through jobs_finished (a range seek, never a scan), and run
+    # counters (for /metrics) live in a table of their own, one row set per worker so
+    # concurrent workers never write the same row, which retention never touches.
+    """
+    UPDATE jobs SET finished_at = updated_at
+        WHERE finished_at IS NULL AND state IN ('completed', 'dead', 'cancelled');
+    CREATE INDEX jobs_finished ON jobs(state, finished_at) WHERE finished_at IS NOT NULL;
+    CREATE TABLE counters (
+        shard  TEXT NOT NULL,             -- the worker that counted ('' = folded, gone workers)
+        metric TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '',  -- JSON object, sorted keys
+        value  REAL NOT NULL,
+        PRIMARY KEY (shard, metric, labels)
+    ) WITHOUT ROWID;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

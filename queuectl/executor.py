@@ -96,7 +96,7 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
             wake_fds: Sequence[int] = (), on_event: Optional[Callable[[bool], Abort]] = None,
             tick: float = 1.0, on_start: Optional[Callable[[subprocess.Popen], None]] = None,
             first_tick: Optional[float] = None, base_env: "Optional[dict]" = None,
-            tail_bytes: int = joblog.TAIL_BYTES) -> Outcome:
+            tail_bytes: int = joblog.TAIL_BYTES, max_log_bytes: Optional[int] = None) -> Outcome:
     """Run to completion, calling ``on_event(woken)`` when a wake fd is readable, after
     ``first_tick`` (default ``tick``) and then every ``tick``.
 
@@ -104,9 +104,16 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
     result line is what lets recovery tell a finished run from an interrupted one.
     The job's environment is ``base_env`` (default: this process's) updated with ``env``;
     stdin is /dev/null; cwd is ``cwd`` (default: this process's).
+    ``max_log_bytes``: the attempt's output in the log is cut to its head and tail beyond
+    this (queuectl/logcap.py), checked every tick and at the end.
     """
     started, started_at = time.monotonic(), time.time()
     fd, offset = joblog.open_for_attempt(log_path, joblog.header(job_id, attempt, worker_id, command))
+    cap = None
+    if max_log_bytes:
+        from queuectl.logcap import OutputCap
+
+        cap = OutputCap(fd, offset, max_log_bytes)
     try:
         use_environment(base_env, env)
         try:
@@ -119,11 +126,14 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
             try:
                 if on_start:
                     on_start(proc)
-                abort = _supervise(proc, started, timeout, wake_fds, on_event, tick, first_tick)
+                abort = _supervise(proc, started, timeout, wake_fds, on_event, tick, first_tick,
+                                   cap.check if cap is not None else None)
             except BaseException:
                 terminate_group(proc)  # never leave a run unsupervised behind an error
                 raise
             code = proc.returncode
+            if cap is not None:
+                cap.check()
             tail = joblog.tail_of(fd, offset, tail_bytes)
             if abort is not None:
                 reason, cancelled = abort
@@ -144,7 +154,8 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
 
 def _supervise(proc: subprocess.Popen, started: float, timeout: Optional[float],
                wake_fds: Sequence[int], on_event: Optional[Callable[[bool], Abort]],
-               tick: float, first_tick: Optional[float] = None) -> Abort:
+               tick: float, first_tick: Optional[float] = None,
+               on_tick: Optional[Callable[[], None]] = None) -> Abort:
     pidfd = os.pidfd_open(proc.pid) if _HAS_PIDFD else None
     try:
         deadline = started + timeout if timeout else None
@@ -171,6 +182,8 @@ def _supervise(proc: subprocess.Popen, started: float, timeout: Optional[float],
                 abort = on_event(woken)
             if now >= next_tick:
                 next_tick = now + tick
+                if on_tick is not None:
+                    on_tick()
             if abort is not None:
                 terminate_group(proc)
                 return abort

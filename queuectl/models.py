@@ -10,6 +10,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping,
                     Sequence)
 
 from queuectl import config as cfg
+from queuectl import metrics
 from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound, QueueError
 from queuectl.jobspec import WORKER_VARS, validate_id
 
@@ -250,7 +251,7 @@ class Queue:
         self.store.clear_deps(old["id"])
         if spec["after"]:
             self.store.insert_deps([(dep, old["id"]) for dep in spec["after"]])
-        self.store.update_job(old["id"], {
+        changed = self.store.update_job(old["id"], {
             "command": spec["command"], "argv": spec["argv"], "priority": spec["priority"],
             "max_retries": spec["max_retries"], "timeout": spec["timeout"], "cwd": spec["cwd"],
             "run_at": spec["run_at"], "unique_key": spec["unique_key"], "deps_left": deps_left,
@@ -258,6 +259,8 @@ class Queue:
             "started_at": None, "finished_at": None, "worker_id": None, "lease_until": None,
             "job_pid": None, "job_pid_start": None, "exit_code": None, "last_error": None,
             "output_tail": None, "cancel_requested": 0}, states=(old["state"],))
+        if not changed:  # purged (retention) or changed since it was read: check again
+            raise DuplicateKey(f"job {old['id']!r} changed while it was being replaced")
 
     def _enqueue_plain(self, specs: Sequence[Dict[str, Any]], now: float,
                        env_id: Optional[int]) -> List[Enqueued]:
@@ -303,8 +306,9 @@ class Queue:
         deps_left = 0
         for dep in spec["after"]:
             state = "pending" if dep in seen else dep_states.get(dep)
-            if state is None:
-                raise NotFound(f"unknown job {dep!r} in after")
+            if state is None:  # retention may have deleted a finished one: never assume it ran
+                raise NotFound(f"unknown job {dep!r} in after (never added, or finished and "
+                               "purged since; see config keep_completed)")
             if state in ("dead", "cancelled"):
                 raise Conflict(f"job {dep!r} in after is {state}; the new job could never run")
             if state != "completed":
@@ -384,6 +388,11 @@ class Queue:
             completed = [job["id"] for (job, _), state in zip(results, states) if state == "completed"]
             if completed:  # one statement for all of them
                 self._release_dependents(completed, now)
+            counted = [(state, o.started_at if o.started_at is not None else job["started_at"],
+                        o.finished_at if o.finished_at is not None else now, job["run_at"])
+                       for (job, o), state in zip(results, states) if state != "lost"]
+            if counted:  # in the same transaction: counted once, exactly when recorded
+                self.store.add_counts(worker_id, metrics.run_deltas(counted))
             states += [self._release_locked(job, worker_id, now) for job in release]
             claimed = self._claim_locked(worker_id, claim) if claim else []
         return states, claimed
@@ -531,6 +540,8 @@ class Queue:
                                            job["started_at"], ended, None, fields["last_error"])
                     if not finished:
                         cut = (job["id"], job["attempts"])
+                    self.store.add_counts("", metrics.run_deltas(
+                        [(fields["state"], job["started_at"], ended, job["run_at"])]))
                     self._after_state_change(job["id"], fields["state"], now)
                     recovered[job["id"]] = fields["state"]
                     self.store.wake()
@@ -774,6 +785,46 @@ class Queue:
         for state in states:
             if state not in TERMINAL:
                 raise InvalidInput(f"purge only removes {', '.join(TERMINAL)} jobs, not {state!r}")
+
+    def purge_due(self, limit: int) -> List[str]:
+        """Retention: delete up to ``limit`` finished jobs older than their state's keep_*
+        setting, oldest first, in one short transaction per state (see Store.purge_due:
+        what a waiting job depends on stays). Returns the deleted ids (their logs are the
+        caller's)."""
+        settings, now = self.settings(), self.clock()
+        deleted: List[str] = []
+        for state in TERMINAL:
+            keep = settings["keep_" + state]
+            if keep is None or len(deleted) >= limit:
+                continue
+            with self.store.transaction():
+                deleted += self.store.purge_due(state, now - keep, limit - len(deleted))
+        return deleted
+
+    def tidy(self) -> int:
+        """Rare housekeeping beside retention: fold the counter rows of workers gone into one
+        set, and delete environments no job uses (a scan). Returns the rows folded."""
+        with self.store.transaction():
+            folded = self.store.fold_counts()
+            self.store.drop_unused_envs()
+        return folded
+
+    def metrics_snapshot(self) -> Dict[str, Any]:
+        """What /metrics shows (queuectl/metrics.py renders it): job counts, counter totals,
+        workers busy and idle, the age of the longest-waiting due job."""
+        now = self.clock()
+        live = [w["worker_id"] for w in self.registry() if not w["gone"]]
+        running = {row["worker_id"] for row in self.store.processing()}
+        busy = sum(1 for worker_id in live if worker_id in running)
+        due = self.store.next_run_at()
+        return {"jobs": self.counts(), "counters": self.store.counter_totals(),
+                "workers_busy": busy, "workers_idle": len(live) - busy,
+                "oldest_waiting_age": max(0.0, now - due) if due is not None else 0.0,
+                "paused": self.paused()}
+
+    def runs_since(self, since: float) -> List[Dict[str, Any]]:
+        """Runs that ended at or after ``since`` (for ``stats``; purged jobs are not in it)."""
+        return self.store.runs_since(since)
 
     def purge(self, states: Sequence[str], older_than: float = 0.0) -> List[str]:
         """Delete finished jobs (never waiting or running ones); returns the deleted ids."""

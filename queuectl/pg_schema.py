@@ -134,5 +134,19 @@ MIGRATIONS: List[str] = [
     );
     CREATE INDEX schedule_skips_name ON schedule_skips (name, at);
     """,
+    # Retention's index and the run counters (see the SQLite migration of the same purpose
+    # in queuectl/database.py).
+    """
+    UPDATE jobs SET finished_at = updated_at
+        WHERE finished_at IS NULL AND state IN ('completed', 'dead', 'cancelled');
+    CREATE INDEX jobs_finished ON jobs (state, finished_at) WHERE finished_at IS NOT NULL;
+    CREATE TABLE counters (
+        shard  text NOT NULL,
+        metric text NOT NULL,
+        labels text NOT NULL DEFAULT '',
+        value  double precision NOT NULL,
+        PRIMARY KEY (shard, metric, labels)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -390,6 +390,26 @@ class PgStore:
                           (time.time() - _ENV_GRACE,))
         return deleted
 
+    def purge_due(self, state: str, before: float, limit: int) -> List[str]:
+        # SKIP LOCKED: workers purging at once take disjoint batches, and a row another
+        # transaction is changing (a replace re-queueing it) is left for the next batch.
+        ids = [r[0] for r in self._rows(
+            "WITH doomed AS (SELECT seq FROM jobs WHERE state = %(state)s AND finished_at IS NOT NULL "
+            "AND finished_at < %(before)s AND NOT EXISTS (SELECT 1 FROM job_deps d JOIN jobs c "
+            "ON c.id = d.job_id WHERE d.dep_id = jobs.id AND c.state IN ('pending', 'failed', "
+            "'processing')) ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            "DELETE FROM jobs WHERE seq IN (SELECT seq FROM doomed) AND state = %(state)s RETURNING id",
+            {"state": state, "before": before, "limit": limit})]
+        if ids:
+            self._execute("DELETE FROM job_runs WHERE job_id = ANY(%s)", (ids,))
+            self._execute("DELETE FROM job_deps WHERE job_id = ANY(%s) OR dep_id = ANY(%s)", (ids, ids))
+        return ids
+
+    def drop_unused_envs(self) -> int:
+        return self._execute("DELETE FROM envs WHERE used_at < %s AND id NOT IN "
+                             "(SELECT env_id FROM jobs WHERE env_id IS NOT NULL)",
+                             (time.time() - _ENV_GRACE,)).rowcount
+
     # -- jobs: reads ----------------------------------------------------------------------
     def get(self, job_id: str) -> Optional[Dict[str, Any]]:
         rows = self._dicts("SELECT * FROM jobs WHERE id = %s", (job_id,))
@@ -462,6 +482,36 @@ class PgStore:
             raise StorageError("tidy() cannot run inside a transaction")
         for table in ("jobs", "job_runs", "job_deps"):
             self._execute(f"VACUUM ANALYZE {table}")  # autocommit: VACUUM needs its own
+
+    def runs_since(self, since: float) -> List[Dict[str, Any]]:
+        return self._dicts(
+            "SELECT command, argv, 'completed' AS outcome, started_at, finished_at FROM jobs "
+            "WHERE state = 'completed' AND finished_at IS NOT NULL AND finished_at >= %(since)s "
+            "UNION ALL SELECT j.command, j.argv, CASE WHEN r.error IS NULL THEN 'completed' "
+            "WHEN r.error LIKE 'cancelled%%' THEN 'cancelled' ELSE 'failed' END, r.started_at, "
+            "r.finished_at FROM job_runs r JOIN jobs j ON j.id = r.job_id "
+            "WHERE r.finished_at >= %(since)s", {"since": since})
+
+    # -- counters -------------------------------------------------------------------------
+    def add_counts(self, shard: str, deltas: Sequence[Tuple[str, str, float]]) -> None:
+        rows = [(shard, metric, labels, amount) for metric, labels, amount in sorted(deltas)]
+        if rows:
+            self._run(lambda conn: conn.cursor().executemany(
+                "INSERT INTO counters (shard, metric, labels, value) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (shard, metric, labels) DO UPDATE SET value = counters.value + "
+                "excluded.value", rows))
+
+    def counter_totals(self) -> Dict[Tuple[str, str], float]:
+        return {(metric, labels): value for metric, labels, value in self._rows(
+            "SELECT metric, labels, sum(value) FROM counters GROUP BY metric, labels")}
+
+    def fold_counts(self) -> int:
+        # DELETE ... RETURNING: a row a concurrent fold deleted first is not returned here,
+        # so its value is added to shard '' once.
+        rows = self._rows("DELETE FROM counters WHERE shard <> '' AND shard NOT IN "
+                          "(SELECT worker_id FROM workers) RETURNING metric, labels, value")
+        self.add_counts("", rows)
+        return len(rows)
 
     # -- worker registry ------------------------------------------------------------------
     def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,

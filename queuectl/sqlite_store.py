@@ -203,6 +203,27 @@ class SqliteStore:
                               "(SELECT env_id FROM jobs WHERE env_id IS NOT NULL)")
         return deleted
 
+    def purge_due(self, state: str, before: float, limit: int) -> "list[str]":
+        rows = self.conn.execute(
+            "SELECT seq, id FROM jobs INDEXED BY jobs_finished WHERE state = ? "
+            "AND finished_at IS NOT NULL AND finished_at < ? AND NOT EXISTS (SELECT 1 FROM job_deps d "
+            "JOIN jobs c ON c.id = d.job_id WHERE d.dep_id = jobs.id AND c.state IN "
+            "('pending', 'failed', 'processing')) ORDER BY finished_at LIMIT ?",
+            (state, before, min(limit, _CHUNK))).fetchall()
+        if not rows:
+            return []
+        seqs, ids = [r[0] for r in rows], [r[1] for r in rows]
+        marks = ", ".join("?" * len(ids))
+        self.conn.execute(f"DELETE FROM jobs WHERE seq IN ({marks})", seqs)
+        self.conn.execute(f"DELETE FROM job_runs WHERE job_id IN ({marks})", ids)
+        self.conn.execute(f"DELETE FROM job_deps WHERE job_id IN ({marks})", ids)
+        self.conn.execute(f"DELETE FROM job_deps WHERE dep_id IN ({marks})", ids)
+        return ids
+
+    def drop_unused_envs(self) -> int:
+        return self.conn.execute("DELETE FROM envs WHERE id NOT IN "
+                                 "(SELECT env_id FROM jobs WHERE env_id IS NOT NULL)").rowcount
+
     def reclaim(self) -> None:
         """VACUUM when at least half of the file's pages are free (and it is over 1 MB).
 
@@ -305,6 +326,41 @@ class SqliteStore:
 
     def tidy(self) -> None:
         self.conn.execute("ANALYZE")  # SQLite reuses freed pages itself; the statistics are all
+
+    def runs_since(self, since: float) -> "list[dict[str, Any]]":
+        return self._query(
+            "SELECT command, argv, 'completed' AS outcome, started_at, finished_at "
+            "FROM jobs INDEXED BY jobs_finished WHERE state = 'completed' AND finished_at IS NOT NULL "
+            "AND finished_at >= ? UNION ALL SELECT j.command, j.argv, CASE WHEN r.error IS NULL "
+            "THEN 'completed' WHEN r.error LIKE 'cancelled%' THEN 'cancelled' ELSE 'failed' END, "
+            "r.started_at, r.finished_at FROM job_runs r JOIN jobs j ON j.id = r.job_id "
+            "WHERE r.finished_at >= ?", (since, since))
+
+    # -- counters -------------------------------------------------------------------------
+    def add_counts(self, shard: str, deltas: "Sequence[tuple[str, str, float]]") -> None:
+        self.conn.executemany(
+            "INSERT INTO counters (shard, metric, labels, value) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(shard, metric, labels) DO UPDATE SET value = value + excluded.value",
+            [(shard, metric, labels, amount) for metric, labels, amount in sorted(deltas)])
+
+    def counter_totals(self) -> "dict[tuple[str, str], float]":
+        return {(metric, labels): value for metric, labels, value in self.db.read(
+            "SELECT metric, labels, sum(value) FROM counters GROUP BY metric, labels")}
+
+    def fold_counts(self) -> int:
+        rows = self.conn.execute(
+            "DELETE FROM counters WHERE shard != '' AND shard NOT IN (SELECT worker_id FROM workers) "
+            "RETURNING metric, labels, value").fetchall() if _HAS_RETURNING else self._fold_old()
+        if rows:
+            self.add_counts("", rows)
+        return len(rows)
+
+    def _fold_old(self) -> "list[tuple[str, str, float]]":
+        """fold_counts' read-then-delete for SQLite before 3.35 (one writer: no race)."""
+        where = "shard != '' AND shard NOT IN (SELECT worker_id FROM workers)"
+        rows = self.conn.execute(f"SELECT metric, labels, value FROM counters WHERE {where}").fetchall()
+        self.conn.execute(f"DELETE FROM counters WHERE {where}")
+        return rows
 
     # -- worker registry ------------------------------------------------------------------
     def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,

@@ -130,6 +130,16 @@ class Store(Protocol):
         """Delete jobs with their runs and dependency edges; returns how many jobs went.
         Environments no job uses any more may go too (the backend's choice)."""
 
+    def purge_due(self, state: str, before: float, limit: int) -> List[str]:
+        """Retention: delete up to ``limit`` jobs in ``state`` (a finished one) that finished
+        before ``before``, oldest first, with their runs and edges, by the jobs_finished index
+        (never a scan); a job that a waiting or running job depends on stays. Returns the
+        deleted ids. Concurrent callers never delete a job twice nor fail on each other's
+        work. Unused environments are left for ``drop_unused_envs`` (that check scans)."""
+
+    def drop_unused_envs(self) -> int:
+        """Delete environments no job refers to any more (a scan: call it rarely)."""
+
     def reclaim(self) -> None:
         """After a purge, outside any transaction: give freed space back to the system if it
         is worth it (SQLite: VACUUM when most pages are free; PostgreSQL: nothing, or VACUUM).
@@ -172,6 +182,24 @@ class Store(Protocol):
         """Reclaim dead rows and index entries and refresh the planner's statistics, as the
         database's own housekeeping eventually does, now: after a bulk change (benchmarks fill
         the table with 10^5 finished jobs at once). PostgreSQL: VACUUM ANALYZE; SQLite: ANALYZE."""
+
+    def runs_since(self, since: float) -> List[Dict[str, Any]]:
+        """Every run that ended at or after ``since`` (command, argv, outcome: completed,
+        failed or cancelled, started_at, finished_at), for ``stats``: completed jobs by the
+        jobs_finished index, other runs from job_runs."""
+
+    # -- counters (monotonic: retention never touches them) --------------------------------
+    # Each writer adds to rows of its own ``shard`` (its worker id), so concurrent workers
+    # never update the same row; rows of workers that are gone are folded into shard ''.
+    def add_counts(self, shard: str, deltas: Sequence[Tuple[str, str, float]]) -> None:
+        """Add each (metric, labels, amount) to this shard's rows, inside a transaction."""
+
+    def counter_totals(self) -> Dict[Tuple[str, str], float]:
+        """{(metric, labels): sum over every shard}."""
+
+    def fold_counts(self) -> int:
+        """Move the rows of shards that are no registered worker into shard '' (sums kept:
+        concurrent folds never count a row twice); returns how many rows were folded."""
 
     # -- worker registry (every host's workers; local ones also have PID files) -------------
     # A worker registers at start, beats every few seconds and unregisters at a clean exit.

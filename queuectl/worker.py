@@ -410,6 +410,7 @@ class Worker:
                                    on_event=on_event, tick=HEARTBEAT_EVERY, on_start=on_start,
                                    first_tick=HOLD_LIMIT if self.held or self.done else None,
                                    tail_bytes=queue.settings()["db_tail_bytes"],
+                                   max_log_bytes=queue.settings()["max_log_bytes"],
                                    base_env=base_env)
         outcome.log_location = f"{self.host}:{log_path}"  # logs stay here; others are told where
         return outcome

@@ -39,7 +39,12 @@ def test_200mb_of_output_does_not_grow_the_worker(cli, home, workers, tmp_path):
     cli("add", "--id", "flood", f"yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c {200 * MB}; echo END")
     wait_until(lambda: _done(home, "flood"), timeout=60, interval=0.1, message="the 200 MB job")
     assert jobs(home)["flood"]["state"] == "completed"
-    assert os.path.getsize(Paths(home).job_log("flood")) > 200 * MB
+    # The log is capped at max_log_bytes (64 MiB): head and tail kept, the middle cut.
+    log = Paths(home).job_log("flood")
+    assert os.path.getsize(log) <= 64 * MB + 2 * 4096
+    with open(log, "rb") as handle:
+        data = handle.read()
+    assert b"output cut here" in data and data.rstrip().endswith(b"finished: exit 0 ---")
     grown = _rss_kb(worker.pid) - before
     assert grown < 10 * 1024, f"worker RSS grew by {grown} kB"
     assert _rss_kb(worker.pid, "VmHWM") < before + 20 * 1024

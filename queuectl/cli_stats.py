@@ -1,0 +1,60 @@
+"""``queuectl stats``: parsing and printing only (figures from queuectl/stats.py)."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import click
+
+LIMIT = 20  # commands shown in text output (--json has all of them)
+
+
+@click.command()
+@click.option("--since", default="1h", show_default=True,
+              help="How far back to look (30m, 12h, 7d).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def stats(since: str, as_json: bool) -> None:
+    """Throughput, failure rate and p50/p95 run durations per command, over a recent window.
+
+    Counts runs that finished in the window and are still in the database (retention
+    deletes old jobs; see config keep_completed). A failed attempt that is retried counts
+    as a failed run; failure rate is failed / (completed + failed).
+
+    \b
+    Examples:
+      queuectl stats
+      queuectl stats --since 24h --json
+    """
+    from queuectl.cli import _queue
+    from queuectl.stats import summarize
+    from queuectl.timeutil import format_duration, parse_duration
+
+    window = parse_duration(since, "--since")
+    if window <= 0:
+        from queuectl.errors import InvalidInput
+
+        raise InvalidInput("--since must be longer than 0 (e.g. 1h)")
+    queue = _queue()
+    now = queue.clock()
+    figures = summarize(queue.runs_since(now - window), window)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+
+    def line(name: str, row: dict) -> str:
+        return (f"{row['runs']:>7} {row['throughput']:>8.2f} {row['failure_rate'] * 100:>6.1f}% "
+                f"{format_duration(row['p50']):>8} {format_duration(row['p95']):>8}  {name}")
+
+    click.echo(f"Runs finished in the last {format_duration(window)}:")
+    click.echo(f"{'RUNS':>7} {'PER SEC':>8} {'FAILED':>7} {'P50':>8} {'P95':>8}  COMMAND")
+    rows = figures["commands"]
+    for row in rows[:LIMIT]:
+        click.echo(line(_short(row["command"]), row))
+    if len(rows) > LIMIT:
+        click.echo(f"... and {len(rows) - LIMIT} more commands (--json lists them all)")
+    click.echo(line("(all)", figures["total"]))
+
+
+def _short(text: str, width: Optional[int] = 60) -> str:
+    text = " ".join(text.split())
+    return text if width is None or len(text) <= width else text[:width - 1] + "…"
