@@ -302,7 +302,7 @@ def test_show_signal_exit_codes_as_names_json_keeps_the_integer(cli, queue):
     # Not the raw "-9" anywhere but in paths (the log's path may hold pytest-9x, 2026-12-...).
     shown = "\n".join(line for line in text.splitlines() if "/" not in line)
     assert "exit code:   killed by SIGKILL" in shown and "-9" not in shown
-    runs = text.split("runs:")[1]
+    runs = shown.split("runs:")[1]
     assert "killed by SIGTERM" in runs and "-15" not in runs
     data = job(cli, "sig")
     assert data["exit_code"] == -9 and [r["exit_code"] for r in data["runs"]] == [-15, -9]
