@@ -466,6 +466,31 @@ class Queue:
             job["lease_until"] = fields["lease_until"]
         return ours, ours and self.cancel_requested(job["id"])
 
+    def heartbeat_many(self, jobs: Sequence[Dict[str, Any]], worker_id: str,
+                       pids: Mapping[str, "tuple[int, Optional[int]]"]) -> Dict[str, "tuple[bool, bool]"]:
+        """heartbeat for every run of a multi-slot worker in ONE transaction (``pids``: the
+        (pid, start) to record, by job id). Returns {job id: (still ours, cancel requested)}."""
+        now = self.clock()
+        lease = now + self.settings()["lease_seconds"]
+        ours: Dict[str, bool] = {}
+        with self.store.transaction():
+            for job in jobs:
+                fields: Dict[str, Any] = {"lease_until": lease}
+                if job["id"] in pids:
+                    fields["job_pid"], fields["job_pid_start"] = pids[job["id"]]
+                ours[job["id"]] = bool(self.store.update_job(job["id"], fields, states=("processing",),
+                                                             worker_id=worker_id))
+        for job in jobs:
+            if ours[job["id"]]:
+                job["lease_until"] = lease
+        cancels = self.cancels_for(worker_id) if any(ours.values()) else set()
+        return {job_id: (mine, mine and job_id in cancels) for job_id, mine in ours.items()}
+
+    def cancels_for(self, worker_id: str) -> "set[str]":
+        """Ids of this worker's running jobs whose cancel was asked (one read for all)."""
+        return {row["id"] for row in self.store.list_jobs(("processing",))
+                if row["worker_id"] == worker_id and row["cancel_requested"]}
+
     def cancel_requested(self, job_id: str) -> bool:
         row = self.store.get(job_id)
         return bool(row and row["cancel_requested"])
