@@ -5,7 +5,14 @@ from typing import Optional
 
 import click
 
-from queuectl.cli import _emit_json, _queue, _table
+
+
+def _queue():
+    # Imported here, not at the top: cli imports this module at its end (and may be
+    # running as __main__, a module of another name).
+    from queuectl.cli import _queue as queue
+
+    return queue()
 
 
 @click.group()
@@ -49,6 +56,8 @@ def group_unset(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def group_list(as_json: bool) -> None:
     """Each group: its limit, jobs running and waiting, paused or not."""
+    from queuectl.cli import _emit_json, _table
+
     groups = _queue().groups()
     if as_json:
         _emit_json(groups)
