@@ -32,7 +32,12 @@ class SlotWorker(Worker):
         self.runs: Dict[str, Tuple[Dict[str, Any], executor.Run]] = {}  # job id -> (job, run)
         self._pids_sent: Dict[str, bool] = {}
         self._want_claim = True
+        self._idle = False      # the last claim found less work than there were free slots
         self._forced = False
+        self._poller = select.poll()
+        self._by_fd: Dict[int, str] = {}  # pidfd -> job id
+        self._ready: List[int] = []       # pidfds poll() reported readable
+        self._next_tick = float("inf")    # monotonic time a timeout or kill is due
 
     @property
     def used_slots(self) -> int:
@@ -40,10 +45,10 @@ class SlotWorker(Worker):
 
     def _loop(self) -> None:
         _raise_fd_limit(2 * self.capacity + 64)  # a log and a pidfd per run
-        poller = select.poll()
-        poller.register(self.listener.fileno(), select.POLLIN)
-        poller.register(self._sig_r, select.POLLIN)
-        watched = {self.listener.fileno(), self._sig_r}
+        poller = self._poller
+        wake_fds = (self.listener.fileno(), self._sig_r)
+        for fd in wake_fds:
+            poller.register(fd, select.POLLIN)
         next_recovery = 0.0
         next_heartbeat = time.monotonic() + HEARTBEAT_EVERY
         while not (self.stopping and not self.runs):
@@ -57,6 +62,7 @@ class SlotWorker(Worker):
                     self._forced = True
                     for job, run in self.runs.values():
                         run.abort("worker stopped (forced); job killed", False)
+                    self._next_tick = 0.0
                 now = time.monotonic()
                 if now >= next_recovery:
                     self._recover()
@@ -66,24 +72,26 @@ class SlotWorker(Worker):
                 free = self.capacity - self.used_slots
                 if self.done or (free > 0 and self._want_claim and not self.stopping):
                     self._want_claim = False
+                    claim = free if free > 0 and not self.stopping else 0
                     if self.done or self.queue.has_ready():
-                        self._settle(claim=free if free > 0 and not self.stopping else 0, free=free)
+                        self._settle(claim=claim, free=free)
+                        self._idle = len(self.held) < claim
+                    else:
+                        self._idle = True
                     self._start_held()
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     next_heartbeat = now + HEARTBEAT_EVERY
                     self._heartbeat()
-                for fd in [fd for fd in watched if fd not in (self.listener.fileno(), self._sig_r)]:
-                    if not any(run.fileno() == fd for _, run in self.runs.values()):
-                        poller.unregister(fd)
-                        watched.discard(fd)
-                for _, run in self.runs.values():
-                    if run.fileno() >= 0 and run.fileno() not in watched:
-                        poller.register(run.fileno(), select.POLLIN)
-                        watched.add(run.fileno())
                 timeout = self._timeout(next_heartbeat, next_recovery)
-                ready = poller.poll(max(timeout, 0.0) * 1000)
-                if any(fd in (self.listener.fileno(), self._sig_r) for fd, _ in ready):
+                self._ready = []
+                woken = False
+                for fd, _ in poller.poll(max(timeout, 0.0) * 1000):
+                    if fd in wake_fds:
+                        woken = True
+                    else:
+                        self._ready.append(fd)
+                if woken:
                     self._drain()
                     self._want_claim = True
                     self._check_cancels()
@@ -113,19 +121,38 @@ class SlotWorker(Worker):
                 continue
             self.runs[job["id"]] = (job, run)
             self._pids_sent[job["id"]] = False
+            self._next_tick = min(self._next_tick, run.next_due())
             if run.proc is None:  # it could not start: over at once
                 self._end(job["id"])
+            elif run.fileno() >= 0:
+                self._by_fd[run.fileno()] = job["id"]
+                self._poller.register(run.fileno(), select.POLLIN)
 
     def _collect(self) -> None:
-        now = time.monotonic()
-        for job_id, (_, run) in list(self.runs.items()):
-            run.tick(now)
-            if run.done():
+        """End the runs whose process exited; send due SIGTERMs (timeouts) and SIGKILLs.
+        With pidfds only the runs poll() reported are looked at, not all of them."""
+        for fd in self._ready:
+            job_id = self._by_fd.get(fd)
+            if job_id is not None and self.runs[job_id][1].done():
                 self._end(job_id)
+        self._ready = []
+        now = time.monotonic()
+        polling = any(run.fileno() < 0 for _, run in self.runs.values())
+        if now >= self._next_tick or polling:
+            self._next_tick = float("inf")
+            for job_id, (_, run) in list(self.runs.items()):
+                run.tick(now)
+                if run.fileno() < 0 and run.done():
+                    self._end(job_id)
+                else:
+                    self._next_tick = min(self._next_tick, run.next_due())
 
     def _end(self, job_id: str) -> None:
         job, run = self.runs.pop(job_id)
         self._pids_sent.pop(job_id, None)
+        if run.fileno() >= 0:
+            self._poller.unregister(run.fileno())
+            del self._by_fd[run.fileno()]
         try:
             outcome = run.finish()
         except Exception as exc:  # noqa: BLE001
@@ -169,6 +196,7 @@ class SlotWorker(Worker):
                 entry[1].abort("lease lost: the job was recovered elsewhere; this run was killed", False)
             elif cancel:
                 entry[1].abort("cancelled by user while running", True)
+        self._next_tick = 0.0  # an abort's SIGKILL is due later: tick() schedules it
 
     def _check_cancels(self) -> None:
         if not self.runs:
@@ -181,31 +209,33 @@ class SlotWorker(Worker):
             entry = self.runs.get(job_id)
             if entry is not None:
                 entry[1].abort("cancelled by user while running", True)
+                self._next_tick = 0.0
 
     # -- waiting --------------------------------------------------------------------------
     def _timeout(self, next_heartbeat: float, next_recovery: float) -> float:
         now = time.monotonic()
-        due = [next_heartbeat, next_recovery, self._next_beat, chores.next_due(self.chores)]
-        due.extend(run.next_due() for _, run in self.runs.values())
+        due = min(next_heartbeat, next_recovery, self._next_beat, chores.next_due(self.chores),
+                  self._next_tick)
         if any(run.fileno() < 0 and run.proc is not None for _, run in self.runs.values()):
-            due.append(now + NO_PIDFD_POLL)
-        timeout = min(due) - now
-        if self.stopping and not self.runs:
+            due = min(due, now + NO_PIDFD_POLL)
+        timeout = due - now
+        if self.stopping or self.capacity - self.used_slots <= 0:
+            return timeout
+        if self._want_claim:
             return 0.0
-        free = self.capacity - self.used_slots
-        if free > 0 and not self.stopping:
-            settings = self.queue.settings()
-            idle = settings["poll_interval"]
-            if not self.queue.paused():
-                try:
-                    at = self.queue.next_run_at()
-                except QueueError:
-                    at = None
-                if at is not None:
-                    idle = min(idle, max(at - time.time(), 0.001))
-            if timeout > idle:
-                self._want_claim = True  # the poll timeout: look for work again when it ends
-            timeout = min(timeout, idle)
+        # Free slots: wait for a doorbell, a run's end or the idle timeout; when no work was
+        # found, the idle timeout ends at the next job that becomes due (read only then: it
+        # is a query, not worth making per job).
+        idle = self.queue.settings()["poll_interval"]
+        if self._idle and not self.queue.paused():
+            at = self.queue.next_run_at()
+            # One due already was not claimable (its slots do not fit yet): a run's end
+            # wakes us for it, not a busy loop.
+            if at is not None and at > time.time():
+                idle = min(idle, at - time.time())
+        if timeout > idle:
+            self._want_claim = True  # after the idle timeout: look for work again
+            timeout = idle
         return timeout
 
     def _sleep_unless_running(self, delay: float) -> None:
@@ -214,6 +244,7 @@ class SlotWorker(Worker):
         end = time.monotonic() + delay
         next_heartbeat = time.monotonic() + HEARTBEAT_EVERY
         while time.monotonic() < end:
+            self._ready = [fd for fd, _ in self._poller.poll(0) if fd in self._by_fd]
             self._collect()
             if self.stopping and not self.runs:
                 return
