@@ -328,6 +328,11 @@ class Queue:
     def next_run_at(self) -> Optional[float]:
         return self.store.next_run_at(self.serve_groups)
 
+    def overtakes(self, job: Dict[str, Any]) -> bool:
+        """Whether a ready job comes before ``job`` (one claimed, not started) in claim order."""
+        head = self.store.ready_head(self.clock(), self.serve_groups)
+        return head is not None and (-head[0], head[1], head[2]) < (-job["priority"], job["run_at"], job["seq"])
+
     def claim(self, worker_id: str) -> Optional[Dict[str, Any]]:
         with self.store.transaction():
             jobs = self._claim_locked(worker_id, 1)

@@ -72,6 +72,12 @@ _HAS_READY_SQL = (
     f"AND {_READY} AND run_at <= %(now)s ORDER BY priority DESC, run_at, seq LIMIT 1) AS c "
     "WHERE g.paused = 0 AND (g.parallel IS NULL OR g.running < g.parallel){groups} "
     f"AND {_NOT_PAUSED} LIMIT 1")
+_READY_HEAD_SQL = (
+    "SELECT c.priority, c.run_at, c.seq FROM groups g CROSS JOIN LATERAL (SELECT priority, run_at, "
+    f"seq FROM jobs WHERE grp = g.name AND {_READY} AND run_at <= %(now)s "
+    "ORDER BY priority DESC, run_at, seq LIMIT 1) AS c "
+    "WHERE g.paused = 0 AND (g.parallel IS NULL OR g.running < g.parallel){groups} "
+    f"AND {_NOT_PAUSED} ORDER BY c.priority DESC, c.run_at, c.seq LIMIT 1")
 _INSERT_COLUMNS = ("seq", "id", "command", "argv", "state", "priority", "max_retries", "timeout",
                    "cwd", "run_at", "created_at", "updated_at", "unique_key", "deps_left", "env_id",
                    "grp", "slots")
@@ -369,6 +375,14 @@ class PgStore:
             return False
         sql = _HAS_READY_SQL.replace("{groups}", " AND g.name = ANY(%(groups)s)" if groups is not None else "")
         return bool(self._rows(sql, {"now": now, "groups": list(groups or ())}))
+
+    def ready_head(self, now: float, groups: Optional[Sequence[str]] = None
+                   ) -> Optional[Tuple[int, float, int]]:
+        if groups is not None and not groups:
+            return None
+        sql = _READY_HEAD_SQL.replace("{groups}", " AND g.name = ANY(%(groups)s)" if groups is not None else "")
+        rows = self._rows(sql, {"now": now, "groups": list(groups or ())})
+        return tuple(rows[0]) if rows else None
 
     def next_run_at(self, groups: Optional[Sequence[str]] = None) -> Optional[float]:
         if groups is not None and not groups:

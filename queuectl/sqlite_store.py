@@ -129,16 +129,19 @@ class SqliteStore:
         key = (tuple(groups) if groups is not None else None, fit)
         sql = self._picks.get(key)
         if sql is None:
-            where = ""
-            if groups is not None:
-                where = f" AND g.name IN ({', '.join(f':g{i}' for i in range(len(groups)))})"
-            sql = _PICK_SQL.replace("{groups}", where)
+            sql = _PICK_SQL.replace("{groups}", self._group_where(groups))
             if fit:
                 sql = _FIT_SQL.replace("{pick}", sql)
             else:
                 sql = f"SELECT seq FROM ({sql})"
             self._picks[key] = sql
         return sql
+
+    @staticmethod
+    def _group_where(groups: "Sequence[str] | None") -> str:
+        if groups is None:
+            return ""
+        return f" AND g.name IN ({', '.join(f':g{i}' for i in range(len(groups)))})"
 
     @staticmethod
     def _params(groups: "Sequence[str] | None", **values: Any) -> "dict[str, Any]":
@@ -181,6 +184,15 @@ class SqliteStore:
             return False
         sql, params = self._pick_sql(groups, False), self._params(groups, now=now, limit=1)
         return bool(self.db._retry_read(lambda: self.conn.execute(sql, params).fetchone()))
+
+    def ready_head(self, now: float, groups: "Sequence[str] | None" = None
+                   ) -> "tuple[int, float, int] | None":
+        if groups is not None and not groups:
+            return None
+        sql = "SELECT priority, run_at, seq FROM (" + _PICK_SQL.replace("{groups}", self._group_where(groups)) + ")"
+        params = self._params(groups, now=now, limit=1)
+        row = self.db._retry_read(lambda: self.conn.execute(sql, params).fetchone())
+        return tuple(row) if row else None
 
     def next_run_at(self, groups: "Sequence[str] | None" = None) -> "float | None":
         where = ""

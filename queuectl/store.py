@@ -117,6 +117,11 @@ class Store(Protocol):
         """Cheap probe so idle workers only open a write transaction when work is due
         (a job ``claim`` could take: paused and full groups do not count)."""
 
+    def ready_head(self, now: float, groups: Optional[Sequence[str]] = None
+                   ) -> Optional[Tuple[int, float, int]]:
+        """(priority, run_at, seq) of the job ``claim`` would take first, or None (a read):
+        a busy worker asks whether a new job should overtake the ones it holds."""
+
     def next_run_at(self, groups: Optional[Sequence[str]] = None) -> Optional[float]:
         """Earliest run_at of a waiting job whose dependencies are done (for the idle
         timeout), in the open groups among ``groups``."""

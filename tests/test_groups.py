@@ -204,3 +204,13 @@ def test_concurrent_claimers_never_exceed_a_limit(queue, paths):
     assert peak[0] <= 3
     assert group(queue, "g")["running"] == 0
     assert next(r for r in queue.store.group_rows() if r["name"] == "g")["running"] == 0
+
+
+def test_ready_head_says_whether_a_new_job_overtakes_a_held_one(queue):
+    add(queue, 3)
+    [held, *_] = claim(queue, 2)
+    assert not queue.overtakes(held), "the next in line comes after the held job"
+    add(queue, 1, priority=5)
+    assert queue.overtakes(held), "an urgent job does"
+    queue.serve_groups = ["other"]
+    assert not queue.overtakes(held)
