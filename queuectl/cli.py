@@ -724,7 +724,9 @@ def worker_start(count: int, foreground: bool, backoff_base: Optional[float], lo
 @click.argument("count", type=int)
 @click.option("--backoff-base", type=float, help="Override config backoff_base for workers started now.")
 @click.option("--log-jobs", is_flag=True, help="Workers started now log every job's start and completion.")
-def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool) -> None:
+@_capacity
+def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool, concurrency: int,
+                 groups: Optional[str]) -> None:
     """Start detached workers, or gracefully stop (SIGTERM) the newest ones, until COUNT run.
 
     Workers asked to stop finish their current job first (worker status shows them as
@@ -737,7 +739,8 @@ def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool) -> N
     """
     if not (0 <= count <= 256):
         raise InvalidInput(f"COUNT must be from 0 to 256, got {count}")
-    options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
+    options = (_worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
+               + _capacity_options(concurrency, groups))
     queue = _queue()
     from queuectl import worker_launcher
 
@@ -832,12 +835,19 @@ def worker_status(as_json: bool, wide: bool) -> None:
     if not rows:
         click.echo("No running workers.")
         return
-    _table([[r["host"], str(r["pid"]), r["state"] + (" (stopping)" if r["stopping"] and r["state"] != "gone"
-                                                      else ""),
-             f"{r['busy_slots']}/{r['slots']}", ",".join(r["jobs"]) or "-",
-             ",".join(r["groups"]) if r["groups"] else "all", format_duration(r["uptime"]), r["mode"]]
-            for r in rows], ["HOST", "PID", "STATE", "SLOTS", "JOBS", "GROUPS", "UPTIME", "MODE"],
-           shrink=(4, 5), wide=wide)
+    # SLOTS and GROUPS only when some worker has several slots or serves some groups: the
+    # table of one-slot workers of every group stays as narrow as it was.
+    capacity = any(r["slots"] > 1 or r["groups"] for r in rows)
+    table = []
+    for r in rows:
+        state = r["state"] + (" (stopping)" if r["stopping"] and r["state"] != "gone" else "")
+        extra = [f"{r['busy_slots']}/{r['slots']}"] if capacity else []
+        groups = [",".join(r["groups"]) if r["groups"] else "all"] if capacity else []
+        table.append([r["host"], str(r["pid"]), state, *extra, ",".join(r["jobs"]) or "-", *groups,
+                      format_duration(r["uptime"]), r["mode"]])
+    headers = ["HOST", "PID", "STATE", *(["SLOTS"] if capacity else []), "JOBS" if capacity else "JOB",
+               *(["GROUPS"] if capacity else []), "UPTIME", "MODE"]
+    _table(table, headers, shrink=(4, 5) if capacity else (3,), wide=wide)
 
 
 # -- inspection --------------------------------------------------------------------------------

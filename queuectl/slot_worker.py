@@ -74,7 +74,9 @@ class SlotWorker(Worker):
                     self._want_claim = False
                     claim = free if free > 0 and not self.stopping else 0
                     if self.done or self.queue.has_ready():
-                        self._settle(claim=claim, free=free)
+                        # One try: a retry loop here would leave the runs unsupervised;
+                        # what is not recorded now is tried again at the next event.
+                        self._settle(claim=claim, free=free, tries=1)
                         self._idle = len(self.held) < claim
                     else:
                         self._idle = True
