@@ -493,7 +493,7 @@ class Queue:
 
     def cancels_for(self, worker_id: str) -> "set[str]":
         """Ids of this worker's running jobs whose cancel was asked (one read for all)."""
-        return {row["id"] for row in self.store.list_jobs(("processing",))
+        return {row["id"] for row in self.store.processing()
                 if row["worker_id"] == worker_id and row["cancel_requested"]}
 
     def cancel_requested(self, job_id: str) -> bool:

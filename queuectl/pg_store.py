@@ -518,7 +518,7 @@ class PgStore:
 
     def processing(self) -> List[Dict[str, Any]]:
         return self._dicts("SELECT id, worker_id, lease_until, job_pid, job_pid_start, attempts, "
-                           "started_at, grp, slots FROM jobs WHERE state = 'processing' ORDER BY seq")
+                           "started_at, grp, slots, cancel_requested FROM jobs WHERE state = 'processing' ORDER BY seq")
 
     def counts(self, group: Optional[str] = None) -> Dict[str, int]:
         if group is not None:

@@ -106,6 +106,9 @@ class SlotWorker(Worker):
 
     # -- runs -----------------------------------------------------------------------------
     def _start_held(self) -> None:
+        if self.stopping and self.held:  # claimed as the stop arrived: hand them back, unrun
+            self._settle(release=True, tries=1)
+            return
         while self.held:
             job = self.held.popleft()
             if self.log_jobs:

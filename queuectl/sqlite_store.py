@@ -346,7 +346,7 @@ class SqliteStore:
 
     def processing(self) -> "list[dict[str, Any]]":
         return self._query("SELECT id, worker_id, lease_until, job_pid, job_pid_start, attempts, "
-                           f"started_at, grp, slots FROM jobs INDEXED BY jobs_state WHERE {_NOT_COMPLETED} "
+                           f"started_at, grp, slots, cancel_requested FROM jobs INDEXED BY jobs_state WHERE {_NOT_COMPLETED} "
                            "AND state = 'processing' ORDER BY seq")
 
     def counts(self, group: "str | None" = None) -> "dict[str, int]":

@@ -190,7 +190,7 @@ class Store(Protocol):
 
     def processing(self) -> List[Dict[str, Any]]:
         """Running jobs (id, worker_id, lease_until, job_pid, job_pid_start, attempts,
-        started_at, grp, slots), oldest first."""
+        started_at, grp, slots, cancel_requested), oldest first."""
 
     def counts(self, group: Optional[str] = None) -> Dict[str, int]:
         """Jobs per state (states with none may be missing), from one snapshot; of one

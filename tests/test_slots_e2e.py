@@ -130,3 +130,17 @@ def test_forced_stop_kills_every_slot(cli, queue, workers):
     assert set(states.values()) == {"failed"}, states
     assert "forced" in queue.get("run0")["last_error"]
     assert not any(pid_alive(p) for p in runs)
+
+
+def test_each_slot_has_its_own_cancel_and_timeout(cli, queue, workers):
+    cli("add", "--id", "cancel-me", "sleep 30")
+    cli("add", "--id", "too-slow", "--timeout", "0.5", "--max-retries", "0", "sleep 30")
+    cli("add", "--id", "fine", "sleep 0.5; echo ok")
+    workers.start(1, "-c", "3")
+    wait_until(lambda: queue.get("cancel-me")["state"] == "processing", timeout=20, message="running")
+    cli("cancel", "cancel-me", "--wait", "0")
+    wait_until(lambda: {queue.get(j)["state"] for j in ("cancel-me", "too-slow", "fine")}
+               == {"cancelled", "dead", "completed"}, timeout=20, message="each slot's own end")
+    assert queue.get("cancel-me")["state"] == "cancelled"
+    assert "timed out" in queue.get("too-slow")["last_error"]
+    assert "ok" in queue.get("fine")["output_tail"]
