@@ -36,8 +36,11 @@ _COPY_MIN = 64  # rows from which a bulk insert goes through COPY
 _READY = "state IN ('pending', 'failed') AND deps_left = 0"
 _NOT_PAUSED = "NOT EXISTS (SELECT 1 FROM meta WHERE key = 'paused')"
 _OPEN = "paused = 0 AND (parallel IS NULL OR running < parallel)"
-# One statement: lock the open groups with a limit (FOR NO KEY UPDATE: a second claimer waits
-# and then sees their new ``running``, so a limit holds across claimers and hosts) and share-lock
+# One statement: lock the open groups with a limit (FOR NO KEY UPDATE SKIP LOCKED: a group row
+# another claimer or a finishing run holds is skipped, never waited for, so a limit holds
+# across claimers and hosts and no claim deadlocks with finishes, which lock the row of a
+# finished job's group through the trigger; that group's room is taken by the holder, and
+# counted finishes ring the doorbell for the rest) and share-lock
 # the groups without one (FOR KEY SHARE: claimers never wait for each other; a `group set`
 # waits for them, see set_group_limit); take each open group's first ready rows through its
 # own range of jobs_ready_grp (a full or paused group is never scanned), skipping rows another
@@ -46,7 +49,7 @@ _OPEN = "paused = 0 AND (parallel IS NULL OR running < parallel)"
 # The paused flag is read by the same statement. {groups}: the worker's group filter.
 _CLAIM_SQL = (
     "WITH lim AS (SELECT name, parallel - running AS room FROM groups WHERE parallel IS NOT NULL "
-    f"AND {_OPEN}{{groups}} AND {_NOT_PAUSED} ORDER BY name FOR NO KEY UPDATE), "
+    f"AND {_OPEN}{{groups}} AND {_NOT_PAUSED} FOR NO KEY UPDATE SKIP LOCKED), "
     f"unl AS (SELECT name FROM groups WHERE parallel IS NULL AND {_OPEN}{{groups}} AND {_NOT_PAUSED} "
     "FOR KEY SHARE), "
     "g AS (SELECT name, room FROM lim UNION ALL SELECT name, NULL FROM unl), "
@@ -401,14 +404,20 @@ class PgStore:
 
     def set_group_limit(self, name: str, parallel: Optional[int]) -> None:
         self.ensure_groups([name])
-        # FOR UPDATE waits for the claims that share-locked the row (they saw no limit) to
-        # commit; the next statement, with a fresh snapshot, then sees their jobs processing
-        # and counts them. A claim after this sees the limit (and waits for us to commit).
-        self._execute("SELECT 1 FROM groups WHERE name = %s FOR UPDATE", (name,))
+        mark = ("UPDATE jobs SET counted = 1 WHERE grp = %s AND state = 'processing' "
+                "AND counted = 0")
         marked = 0
         if parallel is not None:
-            marked = self._execute("UPDATE jobs SET counted = 1 WHERE grp = %s AND state = 'processing' "
-                                   "AND counted = 0", (name,)).rowcount
+            # Job rows first, then the group row: the order a finishing run locks them in
+            # (its row, then, by the trigger, its group's), so the two never deadlock.
+            marked = self._execute(mark, (name,)).rowcount
+        # FOR UPDATE waits for the claims that share-locked the row (they saw no limit) to
+        # commit; the next statement, with a fresh snapshot, then sees their jobs processing
+        # and counts them (theirs are uncounted: finishing them never waits for this row).
+        # A claim after this sees the limit (and waits for us to commit).
+        self._execute("SELECT 1 FROM groups WHERE name = %s FOR UPDATE", (name,))
+        if parallel is not None:
+            marked += self._execute(mark, (name,)).rowcount
         self._execute("UPDATE groups SET parallel = %s, running = running + %s WHERE name = %s",
                       (parallel, marked, name))
 
