@@ -22,6 +22,14 @@ Scenarios (see issue 4):
   W4  scale: W1 again with 20k and 100k completed jobs (and their run records) in the table.
   M1  memory: RSS of an idle worker, and after it ran its share of W1..W4.
   M2  memory: peak RSS of one `queuectl enqueue --file` of 1M lines (100k with --quick).
+  Capacity (issue 12), each in fresh homes with a warmed log directory:
+  W1c2 W1 on ONE worker with --concurrency 2, against L0.
+  W1x8 W1 with 8 workers against W1 with 2 (more workers than cores must not cost throughput).
+  W5  200 `sleep 1` jobs on one worker with --concurrency 200: seconds from the enqueue's
+      commit to the last finished_at, and the worker's peak RSS while they run.
+  G1  W1 of the default group (2 workers) while a group with --parallel 1 is full and has
+      1000 jobs waiting (its running job is on a third worker, serving only that group),
+      against W1 in the same home without it.
   R1  W1 during retention (issue 14): W1's drain while the workers' retention chore deletes
       a backlog of old completed jobs and their log files the whole time; against L0f of the
       same run (deleting files slows ext4's next creations; L0f pays per-file creation too).
@@ -161,9 +169,9 @@ def _drop_pg_schemas() -> None:
     _pg_schemas.clear()
 
 
-def start_workers(paths: Paths, count: int = 2) -> List[int]:
+def start_workers(paths: Paths, count: int = 2, options: List[str] = ()) -> List[int]:
     _homes.append(paths)
-    pids = worker_launcher.start_detached(paths, count)
+    pids = worker_launcher.start_detached(paths, count, list(options))
     _worker_pids.extend(pids)
     deadline = time.monotonic() + 20
     # Ready once listening: its doorbell FIFO exists (SQLite) or it logged "started" (it does
@@ -463,6 +471,73 @@ def bench_m2(base: Path, lines: int) -> Dict[str, Any]:
     return {"M2_bulk_peak_rss_mb": int(out) / 1024, "M2_bulk_lines": lines}
 
 
+def _capacity_home(base: Path, name: str, warm: int) -> "tuple[Paths, Store]":
+    paths = new_home(base, name)
+    os.environ["QUEUECTL_HOME"] = str(paths.home)
+    store = open_store(paths, "cli")
+    paths.job_logs_dir.mkdir(parents=True, exist_ok=True)
+    warm_directory(paths.job_logs_dir, warm)
+    return paths, store
+
+
+def bench_capacity(base: Path, size: Dict[str, Any]) -> Dict[str, Any]:
+    res: Dict[str, Any] = {}
+    n, repeat = size["drain"], size["repeat"]
+    # W1 with 2 and with 8 workers, and on one worker of 2 slots, each in a home of its own.
+    for key, count, options in (("W1x2", 2, []), ("W1x8", 8, []), ("W1c2", 1, ["--concurrency", "2"])):
+        paths, store = _capacity_home(base, key.lower(), size["warm"])
+        pids = start_workers(paths, count, options)
+        drain(paths, store, min(n, 1000))  # warm-up
+        res[f"{key}_jobs_per_s"] = best_drain(paths, store, n, repeat)["rate"]
+        stop_workers(paths, pids)
+        store.close()
+    res["W1x8_vs_W1x2"] = res["W1x8_jobs_per_s"] / res["W1x2_jobs_per_s"]
+
+    # W5: 200 one-second sleeps on one worker of 200 slots.
+    paths, store = _capacity_home(base, "w5", 0)
+    pids = start_workers(paths, 1, ["--concurrency", "200"])
+    results = Queue(store).enqueue(_specs(200, "sleep 1"))
+    commit = time.time()
+    first, last = int(results[0].id), int(results[-1].id)
+    peak = 0.0
+    deadline = time.monotonic() + 60
+    while store.span(first, last)["left"]:
+        peak = max(peak, rss_mb(pids[0]))
+        if time.monotonic() > deadline:
+            raise RuntimeError("W5 did not drain in 60 s")
+        time.sleep(0.02)
+    res["W5_drain_s"] = store.span(first, last)["finished_at"] - commit
+    res["W5_worker_rss_mb"] = peak
+    stop_workers(paths, pids)
+    store.close()
+
+    # G1: the default group's W1 next to a full group of 1000 waiting jobs.
+    paths, store = _capacity_home(base, "g1", size["warm"])
+    queue = Queue(store)
+    queue.set_group_limit("full", 1)
+    holder = start_workers(paths, 1, ["--groups", "full"])
+    pids = start_workers(paths, 2)
+    drain(paths, store, min(n, 1000))  # warm-up
+    res["G1_base_jobs_per_s"] = best_drain(paths, store, n, repeat)["rate"]
+    now, cwd = time.time(), os.getcwd()
+    queue.enqueue([parse_job({"command": "sleep 600", "group": "full"}, now=now, default_cwd=cwd)
+                   for _ in range(1001)])
+    deadline = time.monotonic() + 20
+    while next(g for g in queue.groups() if g["name"] == "full")["running"] != 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError("G1: the full group's job did not start")
+        time.sleep(0.02)
+    res["G1_full_jobs_per_s"] = best_drain(paths, store, n, repeat)["rate"]
+    res["G1_full_vs_base"] = res["G1_full_jobs_per_s"] / res["G1_base_jobs_per_s"]
+    queue.pause_group("full")
+    worker_launcher.stop_workers(paths, wait=10.0, force=True)
+    for pid in pids + holder:
+        if pid in _worker_pids:
+            _worker_pids.remove(pid)
+    store.close()
+    return res
+
+
 # -- the run ----------------------------------------------------------------------------------------
 def run(quick: bool, keep: bool, service: bool = False) -> Dict[str, Any]:
     size = dict(spawns=300, drain=1000, warm=2_000, repeat=1, samples=30, pause=0.02, idle=1.5, bulk=20_000, calls=5,
@@ -529,6 +604,9 @@ def run(quick: bool, keep: bool, service: bool = False) -> Dict[str, Any]:
         stop_workers(paths, pids)
         store.close()
 
+        res.update(bench_capacity(base, size))
+        res["W1c2_vs_L0"] = res["W1c2_jobs_per_s"] / res["L0_spawns_per_s"]
+
         res.update(bench_w3(base, size["bulk"], size["calls"], size["repeat"]))
         res.update(bench_m2(base, 100_000 if quick else 1_000_000))
     finally:
@@ -575,6 +653,15 @@ TARGETS = [  # (label, key, format, target text, check)
     ("M1 growth after W1", "M1_growth_mb", "{:+.1f} MB", "<= +2 MB (flat)", lambda v: v <= 2),
     ("M2 bulk enqueue peak RSS (1M lines)", "M2_bulk_peak_rss_mb", "{:.1f} MB", "< 100 MB",
      lambda v: v < 100),
+    ("W1c2 drain, 1 worker, 2 slots", "W1c2_jobs_per_s", "{:,.0f}/s", "", None),
+    ("W1c2 / L0", "W1c2_vs_L0", "{:.2f}", ">= 0.80", lambda v: v >= 0.80),
+    ("W1x2 drain, 2 workers (own home)", "W1x2_jobs_per_s", "{:,.0f}/s", "", None),
+    ("W1x8 drain, 8 workers", "W1x8_jobs_per_s", "{:,.0f}/s", "", None),
+    ("W1x8 / W1x2", "W1x8_vs_W1x2", "{:.2f}", ">= 0.95", lambda v: v >= 0.95),
+    ("W5 200 x sleep 1, 1 worker x 200 slots", "W5_drain_s", "{:.2f} s", "<= 1.5 s", lambda v: v <= 1.5),
+    ("W5 worker RSS while 200 run", "W5_worker_rss_mb", "{:.1f} MB", "<= 40 MB", lambda v: v <= 40),
+    ("G1 W1 beside a full group (1000 wait)", "G1_full_jobs_per_s", "{:,.0f}/s", "", None),
+    ("G1 / W1 without it (same home)", "G1_full_vs_base", "{:.2f}", ">= 0.90", lambda v: v >= 0.90),
 ]
 
 

@@ -150,7 +150,9 @@ def _command_text(job: Dict[str, Any]) -> str:
 
 def _public(job: Dict[str, Any]) -> Dict[str, Any]:
     """A job as users see it in --json: command decoded, internal columns dropped."""
-    out = {k: v for k, v in job.items() if k not in ("seq", "argv", "job_pid_start")}
+    out = {k: v for k, v in job.items() if k not in ("seq", "argv", "job_pid_start", "grp", "counted")}
+    if "grp" in job:
+        out["group"] = job["grp"]
     if job.get("argv") and isinstance(job.get("command"), str):
         out["command"] = json.loads(job["command"])
     return out
@@ -554,6 +556,8 @@ def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str, quie
 @click.option("--cwd", help="Working directory (default: current directory).")
 @click.option("--after", help="Comma-separated ids that must complete first.")
 @click.option("--unique-key", help="Refuse if an active job holds this key.")
+@click.option("--group", "-g", "group", metavar="G", help="The job's group (default: default); see 'group set'.")
+@click.option("--slots", type=int, metavar="K", help="Slots of its worker the job takes (default 1).")
 @click.option("--env", "-e", "env_vars", multiple=True, metavar="NAME=VALUE",
               help="Set an environment variable for the job (repeatable; over the captured environment).")
 @click.option("--if-exists", type=click.Choice(["error", "skip", "replace"]), default="error", show_default=True,
@@ -562,8 +566,9 @@ def enqueue(job_json: Optional[str], source: Optional[str], if_exists: str, quie
 @_output_options
 def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int],
         priority: Optional[int], run_at: Optional[str], delay: Optional[str], timeout: Optional[str],
-        cwd: Optional[str], after: Optional[str], unique_key: Optional[str], env_vars: Sequence[str],
-        if_exists: str, quiet: bool, as_json: bool) -> None:
+        cwd: Optional[str], after: Optional[str], unique_key: Optional[str], group: Optional[str],
+        slots: Optional[int], env_vars: Sequence[str], if_exists: str, quiet: bool,
+        as_json: bool) -> None:
     """Add a job from the command line, no JSON quoting needed.
 
     One argument is run by the shell; several are quoted so each stays one argument.
@@ -582,6 +587,8 @@ def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int
       queuectl add -- rsync -a --delete /src /dst
       queuectl add --env TARGET=/mnt/nas 'echo $TARGET'
       queuectl add ./backup.sh --id nightly --if-exists replace   # every night, same id
+      queuectl add --group downloads -- curl -fsSO https://example.org/big.iso
+      queuectl add --slots 4 "make -j4"                          # takes 4 of a worker's slots
       id=$(queuectl add -q "make build")
     """
     if len(command) == 1:
@@ -593,7 +600,8 @@ def add(command: Sequence[str], job_id: Optional[str], max_retries: Optional[int
     data: Dict[str, Any] = {"command": text}
     for name, value in (("id", job_id), ("max_retries", max_retries), ("priority", priority),
                         ("run_at", run_at), ("delay", delay), ("timeout", timeout), ("cwd", cwd),
-                        ("after", after), ("unique_key", unique_key)):
+                        ("after", after), ("unique_key", unique_key), ("group", group),
+                        ("slots", slots)):
         if value is not None:
             data[name] = value
     if env_vars:
@@ -621,11 +629,41 @@ def _check_count(count: int) -> None:
         raise InvalidInput(f"--count must be from 1 to 256, got {count}")
 
 
+MAX_CONCURRENCY = 1024
+
+
+def _capacity_options(concurrency: int, groups: Optional[str]) -> List[str]:
+    """The worker's --concurrency and --groups options, checked here (one clear line)."""
+    from queuectl.jobspec import validate_group
+
+    if not (1 <= concurrency <= MAX_CONCURRENCY):
+        raise InvalidInput(f"--concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
+    options = ["--concurrency", str(concurrency)] if concurrency > 1 else []
+    if groups is not None:
+        names = [g.strip() for g in groups.split(",") if g.strip()]
+        if not names:
+            raise InvalidInput("--group needs at least one group name")
+        for name in names:
+            validate_group(name)
+        options += ["--groups", ",".join(dict.fromkeys(names))]
+    return options
+
+
+def _capacity(func: Any) -> Any:
+    """--concurrency/-c and --group, shared by `worker` and `worker start`."""
+    func = click.option("--group", "-g", "groups", metavar="G[,G2]",
+                        help="Serve only these groups (default: every group).")(func)
+    return click.option("--concurrency", "-c", default=1, show_default=True, type=int,
+                        help=f"Slots per worker: jobs each runs at once (1-{MAX_CONCURRENCY}).")(func)
+
+
 @cli.group(invoke_without_command=True)
 @click.option("--count", "-n", default=1, show_default=True, help="Workers to run attached (Ctrl-C stops).")
 @click.option("--backoff-base", type=float, help="Override config backoff_base for these workers.")
+@_capacity
 @click.pass_context
-def worker(ctx: click.Context, count: int, backoff_base: Optional[float]) -> None:
+def worker(ctx: click.Context, count: int, backoff_base: Optional[float], concurrency: int,
+           groups: Optional[str]) -> None:
     """Run workers attached (no subcommand), or manage detached ones.
 
     \b
@@ -635,13 +673,15 @@ def worker(ctx: click.Context, count: int, backoff_base: Optional[float]) -> Non
       queuectl worker status
       queuectl worker stop                   # graceful: current jobs finish
       queuectl worker -n 4 --backoff-base 3  # attached to this terminal; Ctrl-C stops
+      queuectl worker start -n 1 -c 8 --group downloads   # one process, 8 jobs at once
     """
     if ctx.invoked_subcommand is None:
         _check_count(count)
+        options = _worker_options(backoff_base) + _capacity_options(concurrency, groups)
         _queue()  # fail fast (and create the DB) before starting anything
         from queuectl import worker_launcher
 
-        ctx.exit(worker_launcher.run_attached(_paths(), count, _worker_options(backoff_base)))
+        ctx.exit(worker_launcher.run_attached(_paths(), count, options))
 
 
 @worker.command("start")
@@ -654,11 +694,17 @@ def worker(ctx: click.Context, count: int, backoff_base: Optional[float]) -> Non
 @click.option("--supervise", is_flag=True,
               help="Start a supervisor that keeps the N workers alive (with --foreground: "
                    "the same as `queuectl supervise`).")
+@_capacity
 def worker_start(count: int, foreground: bool, backoff_base: Optional[float], log_jobs: bool,
-                 supervise: bool) -> None:
-    """Start N workers; detached by default (PID files in workers/, logs in logs/)."""
+                 supervise: bool, concurrency: int, groups: Optional[str]) -> None:
+    """Start N workers; detached by default (PID files in workers/, logs in logs/).
+
+    Each runs up to --concurrency jobs at once (its slots), of every group or only of
+    --group G[,G2].
+    """
     _check_count(count)
-    options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
+    options = (_worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
+               + _capacity_options(concurrency, groups))
     queue = _queue()
     from queuectl import cli_service, worker_launcher
 
@@ -689,7 +735,9 @@ def worker_start(count: int, foreground: bool, backoff_base: Optional[float], lo
 @click.argument("count", type=int)
 @click.option("--backoff-base", type=float, help="Override config backoff_base for workers started now.")
 @click.option("--log-jobs", is_flag=True, help="Workers started now log every job's start and completion.")
-def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool) -> None:
+@_capacity
+def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool, concurrency: int,
+                 groups: Optional[str]) -> None:
     """Start detached workers, or gracefully stop (SIGTERM) the newest ones, until COUNT run.
 
     Workers asked to stop finish their current job first (worker status shows them as
@@ -702,7 +750,8 @@ def worker_scale(count: int, backoff_base: Optional[float], log_jobs: bool) -> N
     """
     if not (0 <= count <= 256):
         raise InvalidInput(f"COUNT must be from 0 to 256, got {count}")
-    options = _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
+    options = (_worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
+               + _capacity_options(concurrency, groups))
     queue = _queue()
     from queuectl import cli_service, worker_launcher
 
@@ -806,19 +855,30 @@ def worker_status(as_json: bool, wide: bool) -> None:
     if not rows:
         click.echo("No running workers.")
         return
-    _table([[r["host"], str(r["pid"]), r["state"] + (" (stopping)" if r["stopping"] and r["state"] != "gone"
-                                                      else ""),
-             r["job"] or "-", format_duration(r["uptime"]), r["mode"]]
-            for r in rows], ["HOST", "PID", "STATE", "JOB", "UPTIME", "MODE"], shrink=(3,), wide=wide)
+    # SLOTS and GROUPS only when some worker has several slots or serves some groups: the
+    # table of one-slot workers of every group stays as narrow as it was.
+    capacity = any(r["slots"] > 1 or r["groups"] for r in rows)
+    table = []
+    for r in rows:
+        state = r["state"] + (" (stopping)" if r["stopping"] and r["state"] != "gone" else "")
+        extra = [f"{r['busy_slots']}/{r['slots']}"] if capacity else []
+        groups = [",".join(r["groups"]) if r["groups"] else "all"] if capacity else []
+        table.append([r["host"], str(r["pid"]), state, *extra, ",".join(r["jobs"]) or "-", *groups,
+                      format_duration(r["uptime"]), r["mode"]])
+    headers = ["HOST", "PID", "STATE", *(["SLOTS"] if capacity else []), "JOBS" if capacity else "JOB",
+               *(["GROUPS"] if capacity else []), "UPTIME", "MODE"]
+    _table(table, headers, shrink=(4, 5) if capacity else (3,), wide=wide)
 
 
 # -- inspection --------------------------------------------------------------------------------
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(as_json: bool) -> None:
-    """Job counts per state, live workers and whether the queue is paused."""
+@click.option("--group", "-g", "group", metavar="G", help="Count only the jobs of this group.")
+def status(as_json: bool, group: Optional[str]) -> None:
+    """Job counts per state, groups, live workers and their slots, whether the queue is paused."""
     queue = _queue()
-    counts = queue.counts()
+    counts = queue.counts(group)
+    groups = queue.groups()
     paused = queue.paused_since()
     workers = _worker_rows(queue)
     orphaned = sum(1 for alive in _workers_alive(queue.processing()).values() if not alive) \
@@ -829,16 +889,20 @@ def status(as_json: bool) -> None:
     schedules = Schedules(queue).summary()
     del schedules["schedules"]
     if as_json:
+        live_rows = [w for w in workers if w["state"] != "gone"]
         _emit_json({"jobs": counts, "total": sum(counts.values()), "paused": paused is not None,
                     "paused_since": paused, "orphaned": orphaned, "workers": workers,
-                    "schedules": schedules, "supervisor": supervisor_state(_paths())})
+                    "schedules": schedules, "supervisor": supervisor_state(_paths()),
+                    "groups": groups, "group": group,
+                    "slots": {"total": sum(w["slots"] for w in live_rows),
+                              "busy": sum(w["busy_slots"] for w in live_rows)}})
         return
     if paused is not None:
         click.echo(f"Queue: PAUSED since {format_instant(paused)} (workers claim nothing new; "
                    "'queuectl resume' to continue)")
     else:
         click.echo("Queue: running")
-    click.echo("Jobs:")
+    click.echo(f"Jobs of group {group}:" if group is not None else "Jobs:")
     for state in STATE_NAMES:
         label = "dead (DLQ)" if state == "dead" else state
         note = f"  ({orphaned} with their worker gone; a worker recovers them)" \
@@ -849,7 +913,12 @@ def status(as_json: bool) -> None:
     busy = sum(1 for w in live if w["state"] == "busy")
     hosts = len({w["host"] for w in live})
     on_hosts = f" on {hosts} hosts" if hosts > 1 else ""
-    click.echo(f"Workers: {len(live)} running{on_hosts} ({busy} busy, {len(live) - busy} idle)")
+    slots = sum(w["slots"] for w in live)
+    used = f"; {sum(w['busy_slots'] for w in live)}/{slots} slots busy" if slots > len(live) else ""
+    click.echo(f"Workers: {len(live)} running{on_hosts} ({busy} busy, {len(live) - busy} idle{used})")
+    shown = [g for g in groups if g["parallel"] is not None or g["paused"] or g["name"] != "default"]
+    if shown:
+        click.echo("Groups: " + "; ".join(_group_summary(g) for g in groups))
     gone = len(workers) - len(live)
     if gone:
         click.echo(f"  {gone} worker(s) of other hosts stopped beating (gone)")
@@ -862,6 +931,12 @@ def status(as_json: bool) -> None:
                    + (f"; next: {first['name']} at {_when(first['next_at'], time.time())}" if first else ""))
     for line in supervisor_lines(_paths()):
         click.echo(line)
+
+
+def _group_summary(g: Dict[str, Any]) -> str:
+    limit = f"/{g['parallel']}" if g["parallel"] is not None else ""
+    return (f"{g['name']} {g['running']}{limit} running, {g['waiting']} waiting"
+            + (" (paused)" if g["paused"] else ""))
 
 
 def _workers_alive(jobs: Sequence[Dict[str, Any]]) -> Dict[str, bool]:
@@ -886,7 +961,9 @@ def _workers_alive(jobs: Sequence[Dict[str, Any]]) -> Dict[str, bool]:
 @click.option("--limit", "-l", default=100, show_default=True, help="Newest N jobs; 0 = all.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--wide", "-w", is_flag=True, help="Do not cut the command and error to the terminal width.")
-def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool, wide: bool) -> None:
+@click.option("--group", "-g", "group", metavar="G", help="Only jobs of this group.")
+def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool, wide: bool,
+             group: Optional[str]) -> None:
     """List jobs, oldest first among the newest --limit.
 
     Commands and errors are cut with '…' to fit the terminal ($COLUMNS, or 80 when the
@@ -902,7 +979,7 @@ def list_cmd(states: Sequence[str], dlq: bool, limit: int, as_json: bool, wide: 
     if limit < 0:
         raise InvalidInput("--limit must be 0 (all) or more")
     states = tuple(states) + (("dead",) if dlq else ())
-    jobs = _queue().list(states, limit + 1 if limit else 0)
+    jobs = _queue().list(states, limit + 1 if limit else 0, group)
     more = bool(limit) and len(jobs) > limit
     jobs = jobs[1:] if more else jobs
     if as_json:
@@ -1211,9 +1288,10 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
               help="With --all: also wait for jobs scheduled to start later (run_at/delay).")
 @click.option("--timeout", "-t", "timeout_s", help="Give up after this long (30, 5m, 2h); exit 2.")
 @click.option("--json", "as_json", is_flag=True, help="Print each job's final state as JSON (same exit codes).")
+@click.option("--group", "-g", "group", metavar="G", help="With --all: only the jobs of this group.")
 @_ctrl_c_exits_130
 def wait(job_ids: Sequence[str], all_jobs: bool, scheduled: bool, timeout_s: Optional[str],
-         as_json: bool) -> None:
+         as_json: bool, group: Optional[str]) -> None:
     """Block until jobs are completed or dead (or cancelled).
 
     Exit 0 if all completed, 1 if any ended dead or cancelled, 2 on timeout, 130 on Ctrl-C.
@@ -1233,11 +1311,13 @@ def wait(job_ids: Sequence[str], all_jobs: bool, scheduled: bool, timeout_s: Opt
         raise InvalidInput("give job ids, or --all")
     if scheduled and not all_jobs:
         raise InvalidInput("--scheduled goes with --all")
+    if group is not None and not all_jobs:
+        raise InvalidInput("--group goes with --all")
     limit = parse_duration(timeout_s, "--timeout") if timeout_s is not None else None
     queue = _queue()
     if all_jobs:
         now = time.time()
-        jobs = queue.list(("pending", "processing", "failed"))
+        jobs = queue.list(("pending", "processing", "failed"), group=group)
         later = [] if scheduled else [j for j in jobs if j["state"] == "pending" and j["run_at"] > now]
         left_out = {j["id"] for j in later}
         ids = [j["id"] for j in jobs if j["id"] not in left_out]
@@ -1330,15 +1410,26 @@ def cancel(job_ids: Sequence[str], wait_s: float) -> None:
 
 
 @cli.command()
-def pause() -> None:
-    """Drain mode: workers finish what they run but claim nothing new."""
+@click.option("--group", "-g", "group", metavar="G", help="Pause only this group.")
+def pause(group: Optional[str]) -> None:
+    """Drain mode: workers finish what they run but claim nothing new (of --group G only)."""
+    if group is not None:
+        _queue().pause_group(group)
+        click.echo(f"Group {group} paused: its running jobs finish, none of it starts. "
+                   f"'queuectl resume --group {group}' to continue.")
+        return
     _queue().pause()
     click.echo("Queue paused: running jobs finish, nothing new starts. 'queuectl resume' to continue.")
 
 
 @cli.command()
-def resume() -> None:
-    """Let workers claim jobs again after pause."""
+@click.option("--group", "-g", "group", metavar="G", help="Resume only this group.")
+def resume(group: Optional[str]) -> None:
+    """Let workers claim jobs again after pause (of --group G only)."""
+    if group is not None:
+        _queue().pause_group(group, False)
+        click.echo(f"Group {group} resumed.")
+        return
     _queue().resume()
     click.echo("Queue resumed.")
 
@@ -1502,6 +1593,10 @@ cli.add_command(cli_service.service)
 from queuectl.cli_stats import stats as _stats_command  # noqa: E402 - after cli exists
 
 cli.add_command(_stats_command)
+
+from queuectl.cli_group import group as _group_commands  # noqa: E402 - needs cli defined
+
+cli.add_command(_group_commands)
 
 
 def main() -> None:

@@ -96,7 +96,9 @@ def check_token(host: str, token: Optional[str]) -> str:
 
 def public_job(job: Dict[str, Any], with_output: bool = True) -> Dict[str, Any]:
     """A job as the page sees it: command decoded and printable, internal columns dropped."""
-    out = {k: v for k, v in job.items() if k not in ("seq", "argv", "job_pid_start")}
+    out = {k: v for k, v in job.items() if k not in ("seq", "argv", "job_pid_start", "grp", "counted")}
+    if "grp" in job:
+        out["group"] = job["grp"]
     command = job.get("command")
     if job.get("argv") and isinstance(command, str):
         command = json.loads(command)
@@ -342,7 +344,7 @@ class Handler(BaseHTTPRequestHandler):
                             # Without the job template: its --env values are not for every reader.
                             "schedules": [{k: v for k, v in row.items() if k != "job"}
                                           for row in Schedules(queue).list()],
-                            "version": __version__, "now": time.time()})
+                            "groups": queue.groups(), "version": __version__, "now": time.time()})
             elif path == "/api/workers":
                 self._json({"workers": worker_rows(paths, queue)})
             elif path == "/api/jobs":

@@ -158,6 +158,40 @@ MIGRATIONS: "list[str]" = [
         PRIMARY KEY (shard, metric, labels)
     ) WITHOUT ROWID;
     """,
+    # Capacity (issue 12): every job is in a group (default 'default') that may have a limit
+    # on how many of its jobs run at once, and counts as ``slots`` of its worker's slots.
+    # groups.running counts the runs of the group that count against its limit (jobs with
+    # counted = 1 in state processing); the triggers keep it right on every path a job enters
+    # or leaves processing (claim, finish, release, recovery), so no code path can forget it.
+    # Claims walk jobs_ready_grp once per open group: a full or paused group costs nothing,
+    # however many jobs wait in it.
+    """
+    ALTER TABLE jobs ADD COLUMN grp TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE jobs ADD COLUMN slots INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN counted INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE groups (
+        name     TEXT    PRIMARY KEY,
+        parallel INTEGER,                    -- at most this many run at once; NULL: no limit
+        running  INTEGER NOT NULL DEFAULT 0, -- runs counted against parallel
+        paused   INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    INSERT INTO groups (name) VALUES ('default');
+    DROP INDEX jobs_ready;
+    CREATE INDEX jobs_ready_grp ON jobs(grp, priority DESC, run_at, seq)
+        WHERE state IN ('pending', 'failed') AND deps_left = 0;
+    CREATE TRIGGER jobs_group_enter AFTER UPDATE OF state ON jobs
+        WHEN NEW.counted = 1 AND NEW.state = 'processing' AND OLD.state != 'processing'
+    BEGIN
+        UPDATE groups SET running = running + 1 WHERE name = NEW.grp;
+    END;
+    CREATE TRIGGER jobs_group_leave AFTER UPDATE OF state ON jobs
+        WHEN OLD.counted = 1 AND OLD.state = 'processing' AND NEW.state != 'processing'
+    BEGIN
+        UPDATE groups SET running = running - 1 WHERE name = OLD.grp;
+    END;
+    ALTER TABLE workers ADD COLUMN capacity INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE workers ADD COLUMN groups TEXT NOT NULL DEFAULT '';  -- comma-separated; '' all
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -152,6 +152,110 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
         os.close(fd)
 
 
+class Run:
+    """One job run started without waiting for it: what a multi-slot worker supervises many
+    of at once (run_job is the same run, supervised to its end by one call).
+
+    Exactly as run_job: the attempt's header before, its result line after, its own process
+    group, stdin /dev/null. ``fileno()`` (a pidfd; -1 without pidfd support: poll ``done()``)
+    is readable once the process has exited; ``abort`` SIGTERMs the group and ``tick`` sends
+    SIGKILL once the grace period is over, so no call here ever blocks."""
+
+    def __init__(self, command: str, argv: bool, cwd: Optional[str], log_path: "str | Path",
+                 job_id: str, attempt: int, worker_id: str, timeout: Optional[float],
+                 env: "dict[str, str]", base_env: "Optional[dict]" = None,
+                 tail_bytes: int = joblog.TAIL_BYTES) -> None:
+        self.job_id, self.attempt, self.argv, self.tail_bytes = job_id, attempt, argv, tail_bytes
+        self.started, self.started_at = time.monotonic(), time.time()
+        self.deadline = self.started + timeout if timeout else None
+        self.timeout = timeout
+        self.proc: Optional[subprocess.Popen] = None
+        self.pidfd = -1
+        self.abort_reason: Abort = None
+        self.kill_at: Optional[float] = None
+        self.start_error: Optional[str] = None
+        self.fd, self.offset = joblog.open_for_attempt(log_path, joblog.header(job_id, attempt,
+                                                                               worker_id, command))
+        try:
+            use_environment(base_env, env)
+            self.proc = spawn(command, argv, cwd, self.fd)
+        except OSError as exc:
+            self.start_error = _start_error(exc, command, argv, cwd)
+            os.write(self.fd, f"queuectl: {self.start_error}\n".encode())
+            return
+        except BaseException:
+            os.close(self.fd)
+            raise
+        if _HAS_PIDFD:
+            try:
+                self.pidfd = os.pidfd_open(self.proc.pid)
+            except OSError:
+                self.pidfd = -1
+
+    def fileno(self) -> int:
+        return self.pidfd
+
+    def done(self) -> bool:
+        return self.proc is None or self.proc.poll() is not None
+
+    def abort(self, reason: str, cancelled: bool, kill_now: bool = False) -> None:
+        """End the run: SIGTERM its group now, SIGKILL after the grace (at once: fencing)."""
+        if self.abort_reason is None:
+            self.abort_reason = (reason, cancelled)
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if kill_now:
+            _killpg(self.proc.pid, signal.SIGKILL)
+            self.kill_at = time.monotonic()
+        elif self.kill_at is None:
+            _killpg(self.proc.pid, signal.SIGTERM)
+            self.kill_at = time.monotonic() + KILL_GRACE
+
+    def tick(self, now: float) -> None:
+        """The timeout and the SIGKILL after an abort's grace period."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        if self.deadline is not None and now >= self.deadline and self.abort_reason is None:
+            self.abort(f"timed out after {self.timeout:g}s", False)
+        if self.kill_at is not None and now >= self.kill_at:
+            _killpg(self.proc.pid, signal.SIGKILL)
+            self.kill_at = now + 1.0  # again a second later if it is still there
+
+    def next_due(self) -> float:
+        """Monotonic time by which tick() has something to do (infinity: nothing)."""
+        due = [t for t in (self.deadline if self.abort_reason is None else None, self.kill_at)
+               if t is not None]
+        return min(due, default=float("inf"))
+
+    def finish(self) -> Outcome:
+        """The outcome of an ended run (done() is True); writes the result line, closes."""
+        try:
+            if self.proc is None:
+                outcome = Outcome(None, self.start_error, joblog.tail_of(self.fd, self.offset, self.tail_bytes))
+            else:
+                code = self.proc.wait()
+                if self.pidfd >= 0:
+                    os.close(self.pidfd)
+                    self.pidfd = -1
+                tail = joblog.tail_of(self.fd, self.offset, self.tail_bytes)
+                if self.abort_reason is not None:
+                    reason, cancelled = self.abort_reason
+                    os.write(self.fd, f"\nqueuectl: {reason}\n".encode())
+                    outcome = Outcome(code, reason, tail, cancelled=cancelled)
+                else:
+                    outcome = Outcome(code, describe_exit(code, self.argv), tail)
+            outcome.duration = time.monotonic() - self.started
+            outcome.started_at = self.started_at
+            outcome.finished_at = self.started_at + outcome.duration
+            try:
+                os.write(self.fd, joblog.result_line(self.job_id, self.attempt, outcome.error))
+            except OSError:
+                pass  # e.g. disk full: the run is over all the same, and its outcome is known
+            return outcome
+        finally:
+            os.close(self.fd)
+
+
 def _supervise(proc: subprocess.Popen, started: float, timeout: Optional[float],
                wake_fds: Sequence[int], on_event: Optional[Callable[[bool], Abort]],
                tick: float, first_tick: Optional[float] = None,

@@ -16,7 +16,9 @@ MAX_RETRIES = 1000
 MAX_SECONDS = 10 * 365 * 86400.0
 
 FIELDS = ("id", "command", "max_retries", "priority", "run_at", "delay", "timeout", "cwd",
-          "after", "unique_key", "env")
+          "after", "unique_key", "env", "group", "slots")
+DEFAULT_GROUP = "default"
+MAX_SLOTS = 1024  # a job's slots of its worker (a worker runs at most 1024 jobs at once)
 # Set by the worker for every job; an explicit value would be overwritten, so it is refused.
 # Always the worker's, never taken from the enqueuer's environment (QUEUECTL_HOST: which
 # host a job runs on is the worker's fact, not the enqueuer's).
@@ -146,7 +148,8 @@ def parse_job(data: Any, *, now: float, default_cwd: "str | None") -> Dict[str, 
         if type(command) is str and command.strip() and "\0" not in command and len(command) <= MAX_COMMAND:
             return {"id": None, "command": command, "argv": 0, "priority": 0, "max_retries": None,
                     "timeout": None, "cwd": default_cwd, "run_at": min(now, MAX_EPOCH),
-                    "unique_key": None, "after": [], "env": None}
+                    "unique_key": None, "after": [], "env": None, "group": DEFAULT_GROUP,
+                    "slots": 1}
     if not isinstance(data, dict):
         raise InvalidInput(f"a job must be a JSON object, got {_kind(data)}")
     for name in data:
@@ -205,4 +208,11 @@ def parse_job(data: Any, *, now: float, default_cwd: "str | None") -> Dict[str, 
         "unique_key": unique_key,
         "after": list(dict.fromkeys(after)),
         "env": parse_env(data.get("env")),
+        "group": validate_group(data["group"]) if data.get("group") is not None else DEFAULT_GROUP,
+        "slots": _integer(data, "slots", 1, MAX_SLOTS) or 1,
     }
+
+
+def validate_group(value: Any) -> str:
+    """A group name: like an id (letters, digits, _ . : @ + = -), numbers allowed."""
+    return validate_id(value, "group", new=False)

@@ -12,7 +12,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping,
 from queuectl import config as cfg
 from queuectl import metrics
 from queuectl.errors import Conflict, DuplicateKey, InvalidInput, NotFound, QueueError
-from queuectl.jobspec import WORKER_VARS, validate_id
+from queuectl.jobspec import DEFAULT_GROUP, WORKER_VARS, validate_group, validate_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from queuectl.store import Store
@@ -82,6 +82,8 @@ class Queue:
         self.overrides = overrides or {}
         self._settings: Optional[Dict[str, Any]] = None
         self._settings_at = 0.0
+        # A worker's groups (None: every group): what its claims and idle probes look at.
+        self.serve_groups: Optional[List[str]] = None
 
     # -- configuration --------------------------------------------------------------------
     def settings(self, fresh: bool = False) -> Dict[str, Any]:
@@ -180,6 +182,9 @@ class Queue:
     def _enqueue_locked(self, specs: Sequence[Dict[str, Any]], now: float,
                         if_exists: str, envs: _Envs) -> List[Enqueued]:
         store = self.store
+        groups = {s.get("group", DEFAULT_GROUP) for s in specs}
+        if groups != {DEFAULT_GROUP}:  # 'default' always has its row
+            store.ensure_groups(sorted(groups))
         user_ids = [s["id"] for s in specs if s["id"] is not None]
         existing = store.states_of(user_ids) if user_ids else {}
         seen: Dict[str, int] = {}
@@ -226,7 +231,7 @@ class Queue:
                 waits.append((row, spec["after"]))
             rows.append((spec["id"], spec["command"], spec["argv"], spec["priority"],
                          spec["max_retries"], spec["timeout"], spec["cwd"], spec["run_at"], now,
-                         key, deps_left, env_id))
+                         key, deps_left, env_id, spec.get("group", DEFAULT_GROUP), spec.get("slots", 1)))
             slots.append((True, row))
         for spec, deps_left, env_id in replace:
             self._replace_locked(spec, deps_left, env_id, now)
@@ -255,7 +260,8 @@ class Queue:
             "command": spec["command"], "argv": spec["argv"], "priority": spec["priority"],
             "max_retries": spec["max_retries"], "timeout": spec["timeout"], "cwd": spec["cwd"],
             "run_at": spec["run_at"], "unique_key": spec["unique_key"], "deps_left": deps_left,
-            "env_id": env_id, "state": "pending", "retry_base": old["attempts"], "updated_at": now,
+            "env_id": env_id, "grp": spec.get("group", DEFAULT_GROUP), "slots": spec.get("slots", 1),
+            "state": "pending", "retry_base": old["attempts"], "updated_at": now,
             "started_at": None, "finished_at": None, "worker_id": None, "lease_until": None,
             "job_pid": None, "job_pid_start": None, "exit_code": None, "last_error": None,
             "output_tail": None, "cancel_requested": 0}, states=(old["state"],))
@@ -268,7 +274,8 @@ class Queue:
         general loop's bookkeeping: it halves the Python time of a 100k-job enqueue."""
         ids = self.store.insert_jobs([
             (None, s["command"], s["argv"], s["priority"], s["max_retries"], s["timeout"], s["cwd"],
-             s["run_at"], now, None, 0, env_id) for s in specs])
+             s["run_at"], now, None, 0, env_id, s.get("group", DEFAULT_GROUP), s.get("slots", 1))
+            for s in specs])
         return [Enqueued(job_id, True) for job_id in ids]
 
     def _check_new(self, spec: Dict[str, Any], existing: Dict[str, str], seen: Dict[str, int],
@@ -320,20 +327,28 @@ class Queue:
         return self.store.flag("paused") is not None
 
     def has_ready(self) -> bool:
-        return self.store.has_ready(self.clock())
+        return self.store.has_ready(self.clock(), self.serve_groups)
 
     def next_run_at(self) -> Optional[float]:
-        return self.store.next_run_at()
+        return self.store.next_run_at(self.serve_groups)
+
+    def overtakes(self, job: Dict[str, Any]) -> bool:
+        """Whether a ready job comes before ``job`` (one claimed, not started) in claim order."""
+        head = self.store.ready_head(self.clock(), self.serve_groups)
+        return head is not None and (-head[0], head[1], head[2]) < (-job["priority"], job["run_at"], job["seq"])
 
     def claim(self, worker_id: str) -> Optional[Dict[str, Any]]:
         with self.store.transaction():
             jobs = self._claim_locked(worker_id, 1)
         return jobs[0] if jobs else None
 
-    def _claim_locked(self, worker_id: str, limit: int) -> List[Dict[str, Any]]:
-        # The store's claim returns nothing while the "paused" flag is set (same statement).
+    def _claim_locked(self, worker_id: str, limit: int, free: Optional[int] = None,
+                      capacity: int = 1) -> List[Dict[str, Any]]:
+        # The store's claim returns nothing while the "paused" flag is set (same statement),
+        # and respects groups (paused, limits, the worker's serve_groups) and slots (``free``).
         now = self.clock()
-        return self.store.claim(worker_id, now, now + self.settings()["lease_seconds"], limit)
+        return self.store.claim(worker_id, now, now + self.settings()["lease_seconds"], limit,
+                                self.serve_groups, free, capacity)
 
     def _release_locked(self, job: Dict[str, Any], worker_id: str, now: float) -> str:
         """Undo the claim of a job that never started: back to the state and attempt count
@@ -372,7 +387,8 @@ class Queue:
         return states[0], (claimed[0] if claimed else None)
 
     def settle(self, results: Sequence["tuple[Dict[str, Any], Any]"], worker_id: str, *,
-               release: Sequence[Dict[str, Any]] = (), claim: int = 0
+               release: Sequence[Dict[str, Any]] = (), claim: int = 0,
+               free: Optional[int] = None, capacity: int = 1
                ) -> "tuple[List[str], List[Dict[str, Any]]]":
         """A worker's bookkeeping in ONE short transaction: record finished runs, hand back
         claimed jobs it will not start, and claim up to ``claim`` more.
@@ -394,7 +410,9 @@ class Queue:
             if counted:  # in the same transaction: counted once, exactly when recorded
                 self.store.add_counts(worker_id, metrics.run_deltas(counted))
             states += [self._release_locked(job, worker_id, now) for job in release]
-            claimed = self._claim_locked(worker_id, claim) if claim else []
+            if any(job.get("counted") for job, _ in results):
+                self.store.wake()  # a slot of a limited group is free: idle workers may take it
+            claimed = self._claim_locked(worker_id, claim, free, capacity) if claim else []
         return states, claimed
 
     def _finish_locked(self, job: Dict[str, Any], outcome: Any, worker_id: str, now: float) -> str:
@@ -461,6 +479,31 @@ class Queue:
         if ours:  # the lease as last renewed: a worker that can no longer renew it stops there
             job["lease_until"] = fields["lease_until"]
         return ours, ours and self.cancel_requested(job["id"])
+
+    def heartbeat_many(self, jobs: Sequence[Dict[str, Any]], worker_id: str,
+                       pids: Mapping[str, "tuple[int, Optional[int]]"]) -> Dict[str, "tuple[bool, bool]"]:
+        """heartbeat for every run of a multi-slot worker in ONE transaction (``pids``: the
+        (pid, start) to record, by job id). Returns {job id: (still ours, cancel requested)}."""
+        now = self.clock()
+        lease = now + self.settings()["lease_seconds"]
+        ours: Dict[str, bool] = {}
+        with self.store.transaction():
+            for job in jobs:
+                fields: Dict[str, Any] = {"lease_until": lease}
+                if job["id"] in pids:
+                    fields["job_pid"], fields["job_pid_start"] = pids[job["id"]]
+                ours[job["id"]] = bool(self.store.update_job(job["id"], fields, states=("processing",),
+                                                             worker_id=worker_id))
+        for job in jobs:
+            if ours[job["id"]]:
+                job["lease_until"] = lease
+        cancels = self.cancels_for(worker_id) if any(ours.values()) else set()
+        return {job_id: (mine, mine and job_id in cancels) for job_id, mine in ours.items()}
+
+    def cancels_for(self, worker_id: str) -> "set[str]":
+        """Ids of this worker's running jobs whose cancel was asked (one read for all)."""
+        return {row["id"] for row in self.store.processing()
+                if row["worker_id"] == worker_id and row["cancel_requested"]}
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self.store.get(job_id)
@@ -565,19 +608,21 @@ class Queue:
         return max(3 * self.settings()["lease_seconds"], GONE_MIN)
 
     def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
-                        mode: str) -> None:
+                        mode: str, capacity: int = 1) -> None:
         with self.store.transaction():
-            self.store.register_worker(worker_id, host, pid, started_at, mode, self.clock())
+            self.store.register_worker(worker_id, host, pid, started_at, mode, self.clock(),
+                                       capacity, ",".join(self.serve_groups or ()))
 
     def worker_beat(self, worker_id: str, host: str, pid: int, started_at: float,
-                    mode: str) -> int:
+                    mode: str, capacity: int = 1) -> int:
         """Renew our registry row (re-creating it if it was forgotten during an outage) and
         forget the rows of workers gone long ago; returns the stop level asked of us."""
         now = self.clock()
         with self.store.transaction():
             level = self.store.beat_worker(worker_id, now)
             if level is None:
-                self.store.register_worker(worker_id, host, pid, started_at, mode, now)
+                self.store.register_worker(worker_id, host, pid, started_at, mode, now, capacity,
+                                           ",".join(self.serve_groups or ()))
                 level = 0
             self.store.forget_workers(now - 2 * self.worker_gone_after())
         return level
@@ -632,15 +677,45 @@ class Queue:
     def states(self, ids: Sequence[str]) -> Dict[str, str]:
         return self.store.states_of(list(ids))
 
-    def counts(self) -> Dict[str, int]:
-        found = self.store.counts()
+    def counts(self, group: Optional[str] = None) -> Dict[str, int]:
+        found = self.store.counts(validate_group(group) if group is not None else None)
         return {state: found.get(state, 0) for state in STATES}
 
-    def list(self, states: Sequence[str] = (), limit: int = 0) -> List[Dict[str, Any]]:
+    def list(self, states: Sequence[str] = (), limit: int = 0,
+             group: Optional[str] = None) -> List[Dict[str, Any]]:
         for state in states:
             if state not in STATES:
                 raise InvalidInput(f"unknown state {state!r}; valid states: {', '.join(STATES)}")
-        return self.store.list_jobs(states, limit)
+        return self.store.list_jobs(states, limit, validate_group(group) if group is not None else None)
+
+    # -- groups ---------------------------------------------------------------------------
+    def set_group_limit(self, name: str, parallel: Optional[int]) -> None:
+        """At most ``parallel`` jobs of the group run at once, over every worker and host
+        (None: no limit). Lowering it stops new starts until fewer run; none is killed."""
+        validate_group(name)
+        if parallel is not None and not (1 <= parallel <= 1_000_000):
+            raise InvalidInput(f"--parallel must be from 1 to 1000000, got {parallel}")
+        with self.store.transaction():
+            self.store.set_group_limit(name, parallel)
+            self.store.wake()  # a raised limit lets idle workers start more now
+
+    def pause_group(self, name: str, paused: bool = True) -> None:
+        validate_group(name)
+        with self.store.transaction():
+            self.store.set_group_paused(name, paused)
+            self.store.wake()
+
+    def groups(self) -> List[Dict[str, Any]]:
+        """Groups worth showing (with a limit, paused, with jobs waiting or running, or
+        'default'): name, parallel, paused, running (processing now), waiting."""
+        shown = []
+        for row in self.store.group_rows():
+            if (row["name"] == DEFAULT_GROUP or row["parallel"] is not None or row["paused"]
+                    or row["waiting"] or row["processing"]):
+                shown.append({"name": row["name"], "parallel": row["parallel"],
+                              "paused": row["paused"], "running": row["processing"],
+                              "waiting": row["waiting"]})
+        return shown
 
     def processing(self) -> List[Dict[str, Any]]:
         return self.store.processing()

@@ -148,5 +148,38 @@ MIGRATIONS: List[str] = [
         PRIMARY KEY (shard, metric, labels)
     );
     """,
+    # Capacity: groups with a limit, slots per job (see the SQLite migration of the same
+    # purpose in queuectl/database.py). The trigger's WHEN keeps it free for jobs of groups
+    # without a limit (counted = 0): their claims and finishes never touch a groups row.
+    """
+    ALTER TABLE jobs ADD COLUMN grp text NOT NULL DEFAULT 'default';
+    ALTER TABLE jobs ADD COLUMN slots integer NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN counted integer NOT NULL DEFAULT 0;
+    CREATE TABLE groups (
+        name     text    PRIMARY KEY,
+        parallel integer,                    -- at most this many run at once; NULL: no limit
+        running  integer NOT NULL DEFAULT 0, -- runs counted against parallel
+        paused   integer NOT NULL DEFAULT 0
+    );
+    INSERT INTO groups (name) VALUES ('default');
+    DROP INDEX jobs_ready;
+    CREATE INDEX jobs_ready_grp ON jobs (grp, priority DESC, run_at, seq)
+        WHERE state IN ('pending', 'failed') AND deps_left = 0;
+    CREATE FUNCTION jobs_group_count() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.state = 'processing' AND NEW.counted = 1 AND OLD.state <> 'processing' THEN
+            UPDATE groups SET running = running + 1 WHERE name = NEW.grp;
+        ELSIF OLD.state = 'processing' AND OLD.counted = 1 AND NEW.state <> 'processing' THEN
+            UPDATE groups SET running = running - 1 WHERE name = OLD.grp;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_group_count AFTER UPDATE OF state ON jobs FOR EACH ROW
+        WHEN ((NEW.counted = 1 AND NEW.state = 'processing' AND OLD.state <> 'processing')
+              OR (OLD.counted = 1 AND OLD.state = 'processing' AND NEW.state <> 'processing'))
+        EXECUTE FUNCTION jobs_group_count();
+    ALTER TABLE workers ADD COLUMN capacity integer NOT NULL DEFAULT 1;
+    ALTER TABLE workers ADD COLUMN groups text NOT NULL DEFAULT '';  -- comma-separated; '' all
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -25,7 +25,8 @@ from psycopg.rows import dict_row
 
 from queuectl import pg_schema
 from queuectl.errors import DuplicateKey, StorageError
-from queuectl.store import CLAIM_COLUMNS, NEW_JOB_COLUMNS, SCHEDULE_COLUMNS, SCHEDULE_JOB_COLUMNS
+from queuectl.store import (CLAIM_COLUMNS, NEW_JOB_COLUMNS, SCHEDULE_COLUMNS, SCHEDULE_JOB_COLUMNS,
+                            pad_new_job, with_activity)
 
 SCHEMA_ENV = "QUEUECTL_PG_SCHEMA"
 DEFAULT_SCHEMA = "queuectl"
@@ -35,23 +36,59 @@ _COPY_MIN = 64  # rows from which a bulk insert goes through COPY
 
 _READY = "state IN ('pending', 'failed') AND deps_left = 0"
 _NOT_PAUSED = "NOT EXISTS (SELECT 1 FROM meta WHERE key = 'paused')"
-# One statement: pick ready rows in claim order, skipping rows another claimer holds, and
-# flip them to processing. The paused flag is read by the same statement.
+_OPEN = "paused = 0 AND (parallel IS NULL OR running < parallel)"
+# One statement: lock the open groups with a limit (FOR NO KEY UPDATE SKIP LOCKED: a group row
+# another claimer or a finishing run holds is skipped, never waited for, so a limit holds
+# across claimers and hosts and no claim deadlocks with finishes, which lock the row of a
+# finished job's group through the trigger; that group's room is taken by the holder, and
+# counted finishes ring the doorbell for the rest) and share-lock
+# the groups without one (FOR KEY SHARE: claimers never wait for each other; a `group set`
+# waits for them, see set_group_limit); take each open group's first ready rows through its
+# own range of jobs_ready_grp (a full or paused group is never scanned), skipping rows another
+# claimer holds; keep a limited group's rows within its room, then the first :limit of all,
+# and flip them to processing. The trigger counts the limited ones in groups.running.
+# The paused flag is read by the same statement. {groups}: the worker's group filter.
 _CLAIM_SQL = (
-    "WITH picked AS (SELECT seq FROM jobs WHERE " + _READY + " AND run_at <= %(now)s AND "
-    + _NOT_PAUSED + " ORDER BY priority DESC, run_at, seq LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+    "WITH lim AS (SELECT name, parallel - running AS room FROM groups WHERE parallel IS NOT NULL "
+    f"AND {_OPEN}{{groups}} AND {_NOT_PAUSED} FOR NO KEY UPDATE SKIP LOCKED), "
+    f"unl AS (SELECT name FROM groups WHERE parallel IS NULL AND {_OPEN}{{groups}} AND {_NOT_PAUSED} "
+    "FOR KEY SHARE), "
+    "g AS (SELECT name, room FROM lim UNION ALL SELECT name, NULL FROM unl), "
+    "cand AS (SELECT c.seq, c.priority, c.run_at, c.slots, g.room, g.name FROM g CROSS JOIN LATERAL "
+    f"(SELECT seq, priority, run_at, slots FROM jobs WHERE grp = g.name AND {_READY} "
+    "AND run_at <= %(now)s ORDER BY priority DESC, run_at, seq LIMIT %(limit)s "
+    "FOR UPDATE SKIP LOCKED) AS c), "
+    "picked AS (SELECT seq, priority, run_at, slots FROM (SELECT cand.*, row_number() OVER "
+    "(PARTITION BY name ORDER BY priority DESC, run_at, seq) AS n FROM cand) AS r "
+    "WHERE room IS NULL OR n <= room ORDER BY priority DESC, run_at, seq LIMIT %(limit)s)"
+    "{fit} "
     "UPDATE jobs AS j SET state = 'processing', attempts = j.attempts + 1, worker_id = %(worker)s, "
     "started_at = %(now)s, finished_at = NULL, lease_until = %(lease)s, updated_at = %(now)s, "
-    "job_pid = NULL, job_pid_start = NULL, exit_code = NULL FROM picked WHERE j.seq = picked.seq "
+    "job_pid = NULL, job_pid_start = NULL, exit_code = NULL, "
+    "counted = CASE WHEN j.grp IN (SELECT name FROM lim) THEN 1 ELSE 0 END "
+    "FROM {chosen} AS chosen WHERE j.seq = chosen.seq "
     "RETURNING " + ", ".join(f"j.{c}" for c in CLAIM_COLUMNS))
-_HAS_READY_SQL = (f"SELECT 1 FROM jobs WHERE {_READY} AND run_at <= %s AND {_NOT_PAUSED} "
-                  "ORDER BY priority DESC, run_at, seq LIMIT 1")
+# Slots: the picked rows while their slots (each at most the worker's) fit in its free ones.
+_FIT = (", fit AS (SELECT seq FROM (SELECT seq, sum(least(slots, %(capacity)s)) OVER "
+        "(ORDER BY priority DESC, run_at, seq) AS used FROM picked) AS u WHERE used <= %(free)s)")
+_HAS_READY_SQL = (
+    "SELECT 1 FROM groups g CROSS JOIN LATERAL (SELECT 1 FROM jobs WHERE grp = g.name "
+    f"AND {_READY} AND run_at <= %(now)s ORDER BY priority DESC, run_at, seq LIMIT 1) AS c "
+    "WHERE g.paused = 0 AND (g.parallel IS NULL OR g.running < g.parallel){groups} "
+    f"AND {_NOT_PAUSED} LIMIT 1")
+_READY_HEAD_SQL = (
+    "SELECT c.priority, c.run_at, c.seq FROM groups g CROSS JOIN LATERAL (SELECT priority, run_at, "
+    f"seq FROM jobs WHERE grp = g.name AND {_READY} AND run_at <= %(now)s "
+    "ORDER BY priority DESC, run_at, seq LIMIT 1) AS c "
+    "WHERE g.paused = 0 AND (g.parallel IS NULL OR g.running < g.parallel){groups} "
+    f"AND {_NOT_PAUSED} ORDER BY c.priority DESC, c.run_at, c.seq LIMIT 1")
 _INSERT_COLUMNS = ("seq", "id", "command", "argv", "state", "priority", "max_retries", "timeout",
-                   "cwd", "run_at", "created_at", "updated_at", "unique_key", "deps_left", "env_id")
+                   "cwd", "run_at", "created_at", "updated_at", "unique_key", "deps_left", "env_id",
+                   "grp", "slots")
 _ENV_GRACE = 3600.0  # seconds an env stays after its last use by an enqueue (see pg_schema v2)
 _INSERT_SQL = (f"INSERT INTO jobs ({', '.join(_INSERT_COLUMNS)}) VALUES "
                f"({', '.join(['%s'] * len(_INSERT_COLUMNS))})")
-assert len(NEW_JOB_COLUMNS) == 12, "keep _row() in step with NEW_JOB_COLUMNS"
+assert len(NEW_JOB_COLUMNS) == 14, "keep _row() in step with NEW_JOB_COLUMNS"
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 
 T = TypeVar("T")
@@ -127,6 +164,7 @@ class PgStore:
         self._failed = False     # a statement failed inside the open transaction
         self._wake_pending = False
         self._listeners: List["PgListener"] = []
+        self._claims: Dict[Any, str] = {}  # claim SQL per (group filter or not, slots or not)
         # How long BEGIN keeps reconnecting: a worker must get control back within a second
         # (it supervises a run whose lease it cannot renew, and has its own backoff); a CLI
         # command rides out a short server restart.
@@ -272,8 +310,9 @@ class PgStore:
         seqs = sorted(r[0] for r in self._rows(
             "SELECT nextval('jobs_seq') FROM generate_series(1, %s)", (len(jobs),)))
         rows = [(seq, job[0] if job[0] is not None else str(seq), job[1], job[2], "pending", job[3],
-                 job[4], job[5], job[6], job[7], job[8], job[8], job[9], job[10], job[11])
-                for seq, job in zip(seqs, jobs)]
+                 job[4], job[5], job[6], job[7], job[8], job[8], job[9], job[10], job[11], job[12],
+                 job[13])
+                for seq, job in zip(seqs, (pad_new_job(j) if len(j) < 14 else j for j in jobs))]
 
         def insert(conn: psycopg.Connection) -> None:
             # A savepoint keeps the transaction usable after a duplicate (models retry it).
@@ -313,21 +352,85 @@ class PgStore:
             self._run(lambda conn: conn.cursor().executemany(
                 "INSERT INTO job_deps (dep_id, job_id) VALUES (%s, %s) ON CONFLICT DO NOTHING", pairs))
 
-    def claim(self, worker_id: str, now: float, lease_until: float,
-              limit: int = 1) -> List[Dict[str, Any]]:
-        rows = self._rows(_CLAIM_SQL, {"now": now, "limit": limit, "worker": worker_id,
-                                       "lease": lease_until})
+    def _claim_sql(self, groups: Optional[Sequence[str]], fit: bool) -> str:
+        key = (groups is not None, fit)
+        sql = self._claims.get(key)
+        if sql is None:
+            sql = (_CLAIM_SQL.replace("{groups}", " AND name = ANY(%(groups)s)" if groups is not None else "")
+                   .replace("{fit}", _FIT if fit else "").replace("{chosen}", "fit" if fit else "picked"))
+            self._claims[key] = sql
+        return sql
+
+    def claim(self, worker_id: str, now: float, lease_until: float, limit: int = 1,
+              groups: Optional[Sequence[str]] = None, free: Optional[int] = None,
+              capacity: int = 1) -> List[Dict[str, Any]]:
+        if groups is not None and not groups:
+            return []
+        rows = self._rows(self._claim_sql(groups, free is not None),
+                          {"now": now, "limit": limit, "worker": worker_id, "lease": lease_until,
+                           "groups": list(groups or ()), "free": free, "capacity": capacity})
         jobs = [dict(zip(CLAIM_COLUMNS, row)) for row in rows]
         if len(jobs) > 1:  # RETURNING follows the update's order, not the claim's
             jobs.sort(key=lambda job: (-job["priority"], job["run_at"], job["seq"]))
         return jobs
 
-    def has_ready(self, now: float) -> bool:
-        return bool(self._rows(_HAS_READY_SQL, (now,)))
+    def has_ready(self, now: float, groups: Optional[Sequence[str]] = None) -> bool:
+        if groups is not None and not groups:
+            return False
+        sql = _HAS_READY_SQL.replace("{groups}", " AND g.name = ANY(%(groups)s)" if groups is not None else "")
+        return bool(self._rows(sql, {"now": now, "groups": list(groups or ())}))
 
-    def next_run_at(self) -> Optional[float]:
-        rows = self._rows(f"SELECT min(run_at) FROM jobs WHERE {_READY}")
+    def ready_head(self, now: float, groups: Optional[Sequence[str]] = None
+                   ) -> Optional[Tuple[int, float, int]]:
+        if groups is not None and not groups:
+            return None
+        sql = _READY_HEAD_SQL.replace("{groups}", " AND g.name = ANY(%(groups)s)" if groups is not None else "")
+        rows = self._rows(sql, {"now": now, "groups": list(groups or ())})
+        return tuple(rows[0]) if rows else None
+
+    def next_run_at(self, groups: Optional[Sequence[str]] = None) -> Optional[float]:
+        if groups is not None and not groups:
+            return None
+        where = " AND g.name = ANY(%(groups)s)" if groups is not None else ""
+        rows = self._rows("SELECT min(j.run_at) FROM groups g JOIN jobs j ON j.grp = g.name "
+                          "WHERE g.paused = 0 AND (g.parallel IS NULL OR g.running < g.parallel)"
+                          f"{where} AND j.state IN ('pending', 'failed') AND j.deps_left = 0",
+                          {"groups": list(groups or ())})
         return rows[0][0] if rows else None
+
+    # -- groups ---------------------------------------------------------------------------
+    def ensure_groups(self, names: Sequence[str]) -> None:
+        self._execute("INSERT INTO groups (name) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
+                      (list(names),))
+
+    def set_group_limit(self, name: str, parallel: Optional[int]) -> None:
+        self.ensure_groups([name])
+        mark = ("UPDATE jobs SET counted = 1 WHERE grp = %s AND state = 'processing' "
+                "AND counted = 0")
+        marked = 0
+        if parallel is not None:
+            # Job rows first, then the group row: the order a finishing run locks them in
+            # (its row, then, by the trigger, its group's), so the two never deadlock.
+            marked = self._execute(mark, (name,)).rowcount
+        # FOR UPDATE waits for the claims that share-locked the row (they saw no limit) to
+        # commit; the next statement, with a fresh snapshot, then sees their jobs processing
+        # and counts them (theirs are uncounted: finishing them never waits for this row).
+        # A claim after this sees the limit (and waits for us to commit).
+        self._execute("SELECT 1 FROM groups WHERE name = %s FOR UPDATE", (name,))
+        if parallel is not None:
+            marked += self._execute(mark, (name,)).rowcount
+        self._execute("UPDATE groups SET parallel = %s, running = running + %s WHERE name = %s",
+                      (parallel, marked, name))
+
+    def set_group_paused(self, name: str, paused: bool) -> None:
+        self.ensure_groups([name])
+        self._execute("UPDATE groups SET paused = %s WHERE name = %s", (int(paused), name))
+
+    def group_rows(self) -> List[Dict[str, Any]]:
+        rows = self._dicts("SELECT name, parallel, running, paused FROM groups ORDER BY name")
+        active = self._rows("SELECT grp, state, count(*) FROM jobs WHERE state IN "
+                            "('pending', 'failed', 'processing') GROUP BY grp, state")
+        return with_activity(rows, active)
 
     def update_job(self, job_id: str, fields: Dict[str, Any], *, states: Sequence[str] = (),
                    worker_id: Optional[str] = None) -> int:
@@ -445,17 +548,27 @@ class PgStore:
 
     def processing(self) -> List[Dict[str, Any]]:
         return self._dicts("SELECT id, worker_id, lease_until, job_pid, job_pid_start, attempts, "
-                           "started_at FROM jobs WHERE state = 'processing' ORDER BY seq")
+                           "started_at, grp, slots, cancel_requested FROM jobs WHERE state = 'processing' ORDER BY seq")
 
-    def counts(self) -> Dict[str, int]:
+    def counts(self, group: Optional[str] = None) -> Dict[str, int]:
+        if group is not None:
+            return dict(self._rows("SELECT state, count(*) FROM jobs WHERE grp = %s GROUP BY state",
+                                   (group,)))
         return dict(self._rows("SELECT state, count(*) FROM jobs GROUP BY state"))
 
-    def list_jobs(self, states: Sequence[str] = (), limit: int = 0) -> List[Dict[str, Any]]:
+    def list_jobs(self, states: Sequence[str] = (), limit: int = 0,
+                  group: Optional[str] = None) -> List[Dict[str, Any]]:
         sql = "SELECT * FROM jobs"
         params: List[Any] = []
+        where = []
         if states:
-            sql += " WHERE state = ANY(%s)"
+            where.append("state = ANY(%s)")
             params.append(list(states))
+        if group is not None:
+            where.append("grp = %s")
+            params.append(group)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC"
         if limit:
             sql += " LIMIT %s"
@@ -515,13 +628,14 @@ class PgStore:
 
     # -- worker registry ------------------------------------------------------------------
     def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
-                        mode: str, now: float) -> None:
+                        mode: str, now: float, capacity: int = 1, groups: str = "") -> None:
         self._execute(
-            "INSERT INTO workers (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested) "
-            "VALUES (%s, %s, %s, %s, %s, %s, 0) ON CONFLICT (worker_id) DO UPDATE SET "
-            "host = excluded.host, pid = excluded.pid, started_at = excluded.started_at, "
-            "heartbeat_at = excluded.heartbeat_at, mode = excluded.mode, stop_requested = 0",
-            (worker_id, host, pid, started_at, now, mode))
+            "INSERT INTO workers (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested, "
+            "capacity, groups) VALUES (%s, %s, %s, %s, %s, %s, 0, %s, %s) ON CONFLICT (worker_id) "
+            "DO UPDATE SET host = excluded.host, pid = excluded.pid, started_at = excluded.started_at, "
+            "heartbeat_at = excluded.heartbeat_at, mode = excluded.mode, stop_requested = 0, "
+            "capacity = excluded.capacity, groups = excluded.groups",
+            (worker_id, host, pid, started_at, now, mode, capacity, groups))
 
     def beat_worker(self, worker_id: str, now: float) -> Optional[int]:
         rows = self._rows("UPDATE workers SET heartbeat_at = %s WHERE worker_id = %s "
@@ -532,8 +646,8 @@ class PgStore:
         self._execute("DELETE FROM workers WHERE worker_id = %s", (worker_id,))
 
     def registered_workers(self) -> List[Dict[str, Any]]:
-        return self._dicts("SELECT worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested "
-                           "FROM workers ORDER BY host, started_at, worker_id")
+        return self._dicts("SELECT worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested, "
+                           "capacity, groups FROM workers ORDER BY host, started_at, worker_id")
 
     def forget_workers(self, beaten_before: float) -> int:
         return self._execute("DELETE FROM workers WHERE heartbeat_at < %s", (beaten_before,)).rowcount

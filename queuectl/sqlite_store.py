@@ -14,29 +14,42 @@ from queuectl import wakeup
 from queuectl.database import Database
 from queuectl.errors import DuplicateKey
 from queuectl.paths import private_dir
-from queuectl.store import CLAIM_COLUMNS, NEW_JOB_COLUMNS, SCHEDULE_COLUMNS, SCHEDULE_JOB_COLUMNS
+from queuectl.store import (CLAIM_COLUMNS, NEW_JOB_COLUMNS, SCHEDULE_COLUMNS, SCHEDULE_JOB_COLUMNS,
+                            _NEW_JOB_DEFAULTS, with_activity)
 
 # Parameters: the sequence number, then a NEW_JOB_COLUMNS tuple. A missing id is the sequence
 # number itself (TEXT affinity stores it as text), so no str() per generated id in Python.
 _INSERT_SQL = ("INSERT INTO jobs (seq, id, command, argv, state, priority, max_retries, timeout, cwd, "
-               "run_at, created_at, updated_at, unique_key, deps_left, env_id) VALUES "
-               "(?1, coalesce(?2, ?1), ?3, ?4, 'pending', ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13)")
-assert len(NEW_JOB_COLUMNS) == 12, "keep _INSERT_SQL in step with NEW_JOB_COLUMNS"
+               "run_at, created_at, updated_at, unique_key, deps_left, env_id, grp, slots) VALUES "
+               "(?1, coalesce(?2, ?1), ?3, ?4, 'pending', ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12, ?13, "
+               "?14, ?15)")
+assert len(NEW_JOB_COLUMNS) == 14, "keep _INSERT_SQL in step with NEW_JOB_COLUMNS"
 # Queries must repeat the WHERE of a partial index term for term so SQLite may use it.
 _READY = "state IN ('pending', 'failed') AND deps_left = 0"
 # jobs_state leaves out completed jobs (the bulk of the table): one index write less per job.
 _NOT_COMPLETED = "state != 'completed'"
-# INDEXED BY: without statistics the planner prefers jobs_state (state=?) plus a temp B-tree
-# sort of every ready row, i.e. O(pending) per claim (0.8 ms at 5000 pending, vs 5 us).
-# A paused queue has no ready job: the flag is read by the same statement, not a second one.
-_CLAIM_SQL = (f"SELECT seq FROM jobs INDEXED BY jobs_ready WHERE {_READY} AND run_at <= ? "
-              "AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'paused') "
-              "ORDER BY priority DESC, run_at, seq LIMIT ?")
-_CLAIM_UPDATE = ("UPDATE jobs SET state = 'processing', attempts = attempts + 1, worker_id = ?, "
-                 "started_at = ?, finished_at = NULL, lease_until = ?, updated_at = ?, "
-                 "job_pid = NULL, job_pid_start = NULL, exit_code = NULL WHERE seq IN ")
-# CLAIM_COLUMNS: what a worker needs to run and finish a job; the full row cost 5 %.
-_CLAIM_RETURNING_SQL = f"{_CLAIM_UPDATE}({_CLAIM_SQL}) RETURNING {', '.join(CLAIM_COLUMNS)}"
+_OPEN_GROUP = "g.paused = 0 AND (g.parallel IS NULL OR g.running < g.parallel)"
+# The claim's pick: for each open group (a paused or full one is skipped without reading its
+# jobs), its first :limit ready jobs through its own range of jobs_ready_grp (INDEXED BY:
+# without statistics the planner would sort every ready row, O(pending) per claim); a group
+# with a limit keeps only as many as it has room for; then the first :limit of all, in claim
+# order. O(groups * limit * log n). A paused queue has no ready job: the flag is read by the
+# same statement, not a second one. {groups}: the worker's group filter, if any.
+_PICK_SQL = ("SELECT seq, priority, run_at, slots FROM (SELECT j.seq, j.priority, j.run_at, j.slots, "
+             "row_number() OVER (PARTITION BY g.name ORDER BY j.priority DESC, j.run_at, j.seq) AS n, "
+             "g.parallel - g.running AS room FROM groups g, jobs j "
+             f"WHERE {_OPEN_GROUP}{{groups}} AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'paused') "
+             "AND j.seq IN (SELECT seq FROM jobs INDEXED BY jobs_ready_grp WHERE grp = g.name "
+             f"AND {_READY} AND run_at <= :now ORDER BY priority DESC, run_at, seq LIMIT :limit)) "
+             "WHERE room IS NULL OR n <= room ORDER BY priority DESC, run_at, seq LIMIT :limit")
+# Slots: the picked jobs while their slots (each at most the worker's) fit in its free ones.
+_FIT_SQL = ("SELECT seq FROM (SELECT seq, sum(min(slots, :capacity)) OVER "
+            "(ORDER BY priority DESC, run_at, seq) AS used FROM ({pick})) WHERE used <= :free")
+_CLAIM_UPDATE = ("UPDATE jobs SET state = 'processing', attempts = attempts + 1, worker_id = :worker, "
+                 "started_at = :now, finished_at = NULL, lease_until = :lease, updated_at = :now, "
+                 "job_pid = NULL, job_pid_start = NULL, exit_code = NULL, "
+                 "counted = (SELECT parallel IS NOT NULL FROM groups WHERE name = jobs.grp) "
+                 "WHERE seq IN ")
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 _CHUNK = 500
 
@@ -57,6 +70,7 @@ class SqliteStore:
         # Doorbells live beside the PID files; without a workers_dir nobody is woken.
         self.workers_dir = workers_dir if workers_dir is not None else self.db.path.parent / "workers"
         self.db.on_commit_wake = self._ring
+        self._picks: "dict[Any, str]" = {}  # claim SQL per (group filter, slots or not)
 
     # -- plumbing -------------------------------------------------------------------------
     def transaction(self) -> ContextManager[sqlite3.Connection]:
@@ -88,7 +102,8 @@ class SqliteStore:
         row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
         first = (row[0] if row else 0) + 1
         try:
-            self.conn.executemany(_INSERT_SQL, [(first + i, *job) for i, job in enumerate(jobs)])
+            self.conn.executemany(_INSERT_SQL, [(first + i, *job, *_NEW_JOB_DEFAULTS[len(job):])
+                                                for i, job in enumerate(jobs)])
         except sqlite3.IntegrityError as exc:
             raise DuplicateKey("unique_key" if "unique_key" in str(exc) else "id") from None
         return [job[0] if job[0] is not None else str(first + i) for i, job in enumerate(jobs)]
@@ -111,35 +126,110 @@ class SqliteStore:
         rows = self.db.read("SELECT vars, inherit FROM envs WHERE id = ?", (env_id,))
         return (rows[0][0], bool(rows[0][1])) if rows else None
 
-    def claim(self, worker_id: str, now: float, lease_until: float,
-              limit: int = 1) -> "list[dict[str, Any]]":
+    def _pick_sql(self, groups: "Sequence[str] | None", fit: bool) -> str:
+        key = (tuple(groups) if groups is not None else None, fit)
+        sql = self._picks.get(key)
+        if sql is None:
+            sql = _PICK_SQL.replace("{groups}", self._group_where(groups))
+            if fit:
+                sql = _FIT_SQL.replace("{pick}", sql)
+            else:
+                sql = f"SELECT seq FROM ({sql})"
+            self._picks[key] = sql
+        return sql
+
+    @staticmethod
+    def _group_where(groups: "Sequence[str] | None") -> str:
+        if groups is None:
+            return ""
+        return f" AND g.name IN ({', '.join(f':g{i}' for i in range(len(groups)))})"
+
+    @staticmethod
+    def _params(groups: "Sequence[str] | None", **values: Any) -> "dict[str, Any]":
+        if groups is not None:
+            values.update((f"g{i}", name) for i, name in enumerate(groups))
+        return values
+
+    def claim(self, worker_id: str, now: float, lease_until: float, limit: int = 1,
+              groups: "Sequence[str] | None" = None, free: "int | None" = None,
+              capacity: int = 1) -> "list[dict[str, Any]]":
         """Up to ``limit`` ready jobs (CLAIM_COLUMNS only), now processing, in claim order;
-        none while paused."""
+        none while paused (see the Store protocol for groups and slots)."""
+        if groups is not None and not groups:
+            return []
+        pick = self._pick_sql(groups, free is not None)
+        params = self._params(groups, now=now, limit=limit, worker=worker_id, lease=lease_until,
+                              free=free, capacity=capacity)
         if _HAS_RETURNING:  # one statement instead of three, on every job's path
             # fetchall, not fetchone: it steps the statement to its end, so it is finished
             # (not merely pending) before COMMIT, whatever the cursor's lifetime.
-            rows = self.conn.execute(_CLAIM_RETURNING_SQL,
-                                     (worker_id, now, lease_until, now, now, limit)).fetchall()
+            rows = self.conn.execute(f"{_CLAIM_UPDATE}({pick}) RETURNING {', '.join(CLAIM_COLUMNS)}",
+                                     params).fetchall()
             jobs = [dict(zip(CLAIM_COLUMNS, row)) for row in rows]
         else:
-            seqs = [row[0] for row in self.conn.execute(_CLAIM_SQL, (now, limit))]
+            seqs = [row[0] for row in self.conn.execute(pick, params)]
             if not seqs:
                 return []
-            marks = ", ".join("?" * len(seqs))
-            self.conn.execute(f"{_CLAIM_UPDATE}({marks})", (worker_id, now, lease_until, now, *seqs))
+            marks = ", ".join(f":s{i}" for i in range(len(seqs)))
+            params.update((f"s{i}", seq) for i, seq in enumerate(seqs))
+            self.conn.execute(f"{_CLAIM_UPDATE}({marks})", params)
             jobs = _dicts(self.conn.execute(
-                f"SELECT {', '.join(CLAIM_COLUMNS)} FROM jobs WHERE seq IN ({marks})", seqs))
+                f"SELECT {', '.join(CLAIM_COLUMNS)} FROM jobs WHERE seq IN ({marks})", params))
         if len(jobs) > 1:  # RETURNING follows the update's order, not the claim's
             jobs.sort(key=lambda job: (-job["priority"], job["run_at"], job["seq"]))
         return jobs
 
-    def has_ready(self, now: float) -> bool:
+    def has_ready(self, now: float, groups: "Sequence[str] | None" = None) -> bool:
         """Lock-free probe so idle workers only take the write lock when work is due."""
-        return bool(self.db._retry_read(lambda: self.conn.execute(_CLAIM_SQL, (now, 1)).fetchone()))
+        if groups is not None and not groups:
+            return False
+        sql, params = self._pick_sql(groups, False), self._params(groups, now=now, limit=1)
+        return bool(self.db._retry_read(lambda: self.conn.execute(sql, params).fetchone()))
 
-    def next_run_at(self) -> "float | None":
-        rows = self.db.read(f"SELECT min(run_at) FROM jobs INDEXED BY jobs_ready WHERE {_READY}")
+    def ready_head(self, now: float, groups: "Sequence[str] | None" = None
+                   ) -> "tuple[int, float, int] | None":
+        if groups is not None and not groups:
+            return None
+        sql = "SELECT priority, run_at, seq FROM (" + _PICK_SQL.replace("{groups}", self._group_where(groups)) + ")"
+        params = self._params(groups, now=now, limit=1)
+        row = self.db._retry_read(lambda: self.conn.execute(sql, params).fetchone())
+        return tuple(row) if row else None
+
+    def next_run_at(self, groups: "Sequence[str] | None" = None) -> "float | None":
+        where = ""
+        if groups is not None:
+            if not groups:
+                return None
+            where = f" AND g.name IN ({', '.join('?' * len(groups))})"
+        rows = self.db.read(f"SELECT min(j.run_at) FROM groups g, jobs j INDEXED BY jobs_ready_grp "
+                            f"WHERE {_OPEN_GROUP}{where} AND j.grp = g.name AND j.{_READY.replace(' AND ', ' AND j.')}",
+                            tuple(groups or ()))
         return rows[0][0] if rows else None
+
+    # -- groups ---------------------------------------------------------------------------
+    def ensure_groups(self, names: Sequence[str]) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO groups (name) VALUES (?)", [(n,) for n in names])
+
+    def set_group_limit(self, name: str, parallel: "int | None") -> None:
+        self.ensure_groups([name])
+        marked = 0
+        if parallel is not None:  # one writer at a time: nothing runs or ends meanwhile
+            marked = self.conn.execute("UPDATE jobs SET counted = 1 WHERE grp = ? AND "
+                                       f"{_NOT_COMPLETED} AND state = 'processing' AND counted = 0",
+                                       (name,)).rowcount
+        self.conn.execute("UPDATE groups SET parallel = ?, running = running + ? WHERE name = ?",
+                          (parallel, marked, name))
+
+    def set_group_paused(self, name: str, paused: bool) -> None:
+        self.ensure_groups([name])
+        self.conn.execute("UPDATE groups SET paused = ? WHERE name = ?", (int(paused), name))
+
+    def group_rows(self) -> "list[dict[str, Any]]":
+        rows = self._query("SELECT name, parallel, running, paused FROM groups ORDER BY name")
+        active = self.db.read(f"SELECT grp, state, count(*) FROM jobs INDEXED BY jobs_state "
+                              f"WHERE {_NOT_COMPLETED} AND state IN ('pending', 'failed', 'processing') "
+                              "GROUP BY grp, state")
+        return with_activity(rows, active)
 
     def update_job(self, job_id: str, fields: "dict[str, Any]", *, states: Sequence[str] = (),
                    worker_id: "str | None" = None) -> int:
@@ -278,12 +368,15 @@ class SqliteStore:
 
     def processing(self) -> "list[dict[str, Any]]":
         return self._query("SELECT id, worker_id, lease_until, job_pid, job_pid_start, attempts, "
-                           f"started_at FROM jobs INDEXED BY jobs_state WHERE {_NOT_COMPLETED} "
+                           f"started_at, grp, slots, cancel_requested FROM jobs INDEXED BY jobs_state WHERE {_NOT_COMPLETED} "
                            "AND state = 'processing' ORDER BY seq")
 
-    def counts(self) -> "dict[str, int]":
+    def counts(self, group: "str | None" = None) -> "dict[str, int]":
         """Jobs per state; completed = all - the rest (they are not in jobs_state), read in
         one statement so both counts come from the same snapshot."""
+        if group is not None:  # no index by group: a scan, for `status --group` only
+            return dict(self.db.read("SELECT state, count(*) FROM jobs WHERE grp = ? GROUP BY state",
+                                     (group,)))
         rows = self.db.read(f"SELECT state, count(*) FROM jobs INDEXED BY jobs_state "
                             f"WHERE {_NOT_COMPLETED} GROUP BY state "
                             "UNION ALL SELECT '', count(*) FROM jobs")
@@ -294,15 +387,22 @@ class SqliteStore:
             found["completed"] = completed
         return found
 
-    def list_jobs(self, states: Sequence[str] = (), limit: int = 0) -> "list[dict[str, Any]]":
+    def list_jobs(self, states: Sequence[str] = (), limit: int = 0,
+                  group: "str | None" = None) -> "list[dict[str, Any]]":
         """Newest ``limit`` jobs (0 = all) in the given states, oldest first."""
         sql = "SELECT * FROM jobs"
         params: "list[Any]" = []
+        where = []
         if states:
-            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            where.append(f"state IN ({', '.join('?' * len(states))})")
             params.extend(states)
             if "completed" not in states:
-                sql += f" AND {_NOT_COMPLETED}"  # lets SQLite use jobs_state
+                where.append(_NOT_COMPLETED)  # lets SQLite use jobs_state
+        if group is not None:
+            where.append("grp = ?")
+            params.append(group)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC"
         if limit:
             sql += " LIMIT ?"
@@ -364,12 +464,14 @@ class SqliteStore:
 
     # -- worker registry ------------------------------------------------------------------
     def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
-                        mode: str, now: float) -> None:
+                        mode: str, now: float, capacity: int = 1, groups: str = "") -> None:
         self.conn.execute(
-            "INSERT INTO workers (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested) "
-            "VALUES (?, ?, ?, ?, ?, ?, 0) ON CONFLICT(worker_id) DO UPDATE SET host = excluded.host, "
-            "pid = excluded.pid, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
-            "mode = excluded.mode, stop_requested = 0", (worker_id, host, pid, started_at, now, mode))
+            "INSERT INTO workers (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested, "
+            "capacity, groups) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT(worker_id) DO UPDATE SET "
+            "host = excluded.host, pid = excluded.pid, started_at = excluded.started_at, "
+            "heartbeat_at = excluded.heartbeat_at, mode = excluded.mode, stop_requested = 0, "
+            "capacity = excluded.capacity, groups = excluded.groups",
+            (worker_id, host, pid, started_at, now, mode, capacity, groups))
 
     def beat_worker(self, worker_id: str, now: float) -> "int | None":
         if not self.conn.execute("UPDATE workers SET heartbeat_at = ? WHERE worker_id = ?",
@@ -383,8 +485,8 @@ class SqliteStore:
         self.conn.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
 
     def registered_workers(self) -> "list[dict[str, Any]]":
-        return self._query("SELECT worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested "
-                           "FROM workers ORDER BY host, started_at, worker_id")
+        return self._query("SELECT worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested, "
+                           "capacity, groups FROM workers ORDER BY host, started_at, worker_id")
 
     def forget_workers(self, beaten_before: float) -> int:
         return self.conn.execute("DELETE FROM workers WHERE heartbeat_at < ?", (beaten_before,)).rowcount

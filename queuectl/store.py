@@ -28,12 +28,23 @@ ROLES = ("cli", "worker", "reader")
 # A new job as models hand it to insert_jobs: a tuple in this order (tuples, not dicts: a
 # bulk enqueue builds 100k of them). ``id`` None means "allocate one" (str of its sequence).
 # ``env_id`` (schema v3) is an id from ``env_id_for`` or None (the worker's own environment).
+# ``grp`` and ``slots`` (schema v5): the job's group (its row must exist: ``ensure_groups``)
+# and how many of its worker's slots it takes; a tuple of the first 12 columns means
+# group 'default' and 1 slot (``pad_new_job``).
 NEW_JOB_COLUMNS = ("id", "command", "argv", "priority", "max_retries", "timeout", "cwd", "run_at",
-                   "created_at", "unique_key", "deps_left", "env_id")
+                   "created_at", "unique_key", "deps_left", "env_id", "grp", "slots")
+_NEW_JOB_DEFAULTS = (None,) * 12 + ("default", 1)
+
+
+def pad_new_job(job: Sequence[Any]) -> Tuple[Any, ...]:
+    """A NEW_JOB_COLUMNS tuple from one that may stop before grp and slots."""
+    return (*job, *_NEW_JOB_DEFAULTS[len(job):])
+
+
 # The columns of a claimed job (what a worker needs to run and finish it).
 CLAIM_COLUMNS = ("seq", "id", "command", "argv", "cwd", "state", "priority", "run_at", "attempts",
                  "max_retries", "timeout", "worker_id", "started_at", "lease_until", "env_id",
-                 "retry_base")
+                 "retry_base", "grp", "slots", "counted")
 # A schedule row (queuectl/schedules.py holds the rules; the backends only move these).
 SCHEDULE_COLUMNS = ("name", "kind", "expr", "tz", "spec", "env", "catch_up", "overlap", "paused",
                     "created_at", "next_at", "last_slot", "last_job", "last_fired_at")
@@ -94,17 +105,49 @@ class Store(Protocol):
     def get_env(self, env_id: int) -> Optional[Tuple[str, bool]]:
         """(vars_json, inherit) of a stored environment (workers cache it per id), or None."""
 
-    def claim(self, worker_id: str, now: float, lease_until: float,
-              limit: int = 1) -> List[Dict[str, Any]]:
+    def claim(self, worker_id: str, now: float, lease_until: float, limit: int = 1,
+              groups: Optional[Sequence[str]] = None, free: Optional[int] = None,
+              capacity: int = 1) -> List[Dict[str, Any]]:
         """Up to ``limit`` ready jobs (CLAIM_COLUMNS), now processing with attempts + 1, in
-        claim order (priority desc, run_at, seq); none while the queue is paused. Concurrent
-        claimers never get the same job."""
+        claim order (priority desc, run_at, seq); none while the queue is paused.
+        Concurrent claimers never get the same job.
 
-    def has_ready(self, now: float) -> bool:
-        """Cheap probe so idle workers only open a write transaction when work is due."""
+        Groups: only jobs of ``groups`` (None: every group); none of a paused group; of a
+        group with a limit at most ``parallel - running`` (race-free across claimers; those
+        claims get counted = 1). Each open group's ready jobs are read through its own index
+        range, so a full or paused group is never scanned. ``free``: the claimed jobs'
+        slots (each at most ``capacity``) add up to at most this; claim order is kept, so a
+        big job at the head is waited for, not overtaken."""
 
-    def next_run_at(self) -> Optional[float]:
-        """Earliest run_at of a waiting job whose dependencies are done (for the idle timeout)."""
+    def has_ready(self, now: float, groups: Optional[Sequence[str]] = None) -> bool:
+        """Cheap probe so idle workers only open a write transaction when work is due
+        (a job ``claim`` could take: paused and full groups do not count)."""
+
+    def ready_head(self, now: float, groups: Optional[Sequence[str]] = None
+                   ) -> Optional[Tuple[int, float, int]]:
+        """(priority, run_at, seq) of the job ``claim`` would take first, or None (a read):
+        a busy worker asks whether a new job should overtake the ones it holds."""
+
+    def next_run_at(self, groups: Optional[Sequence[str]] = None) -> Optional[float]:
+        """Earliest run_at of a waiting job whose dependencies are done (for the idle
+        timeout), in the open groups among ``groups``."""
+
+    # -- groups ----------------------------------------------------------------------------
+    def ensure_groups(self, names: Sequence[str]) -> None:
+        """Create the rows of groups that have none (no limit, not paused); in the enqueue's
+        transaction, once per distinct group."""
+
+    def set_group_limit(self, name: str, parallel: Optional[int]) -> None:
+        """Set (None: remove) a group's limit, creating its row. Running jobs of the group
+        not yet counted against a limit become counted, race-free with claims and finishes,
+        so the limit holds for runs started before it was set too."""
+
+    def set_group_paused(self, name: str, paused: bool) -> None:
+        """Pause (claims skip the group) or resume one group, creating its row."""
+
+    def group_rows(self) -> List[Dict[str, Any]]:
+        """Every group row (name, parallel, running, paused) with its jobs: ``waiting``
+        (pending or failed) and ``processing`` (running now, counted or not), by name."""
 
     def update_job(self, job_id: str, fields: Dict[str, Any], *, states: Sequence[str] = (),
                    worker_id: Optional[str] = None) -> int:
@@ -163,13 +206,15 @@ class Store(Protocol):
 
     def processing(self) -> List[Dict[str, Any]]:
         """Running jobs (id, worker_id, lease_until, job_pid, job_pid_start, attempts,
-        started_at), oldest first."""
+        started_at, grp, slots, cancel_requested), oldest first."""
 
-    def counts(self) -> Dict[str, int]:
-        """Jobs per state (states with none may be missing), from one snapshot."""
+    def counts(self, group: Optional[str] = None) -> Dict[str, int]:
+        """Jobs per state (states with none may be missing), from one snapshot; of one
+        group only when ``group`` is given."""
 
-    def list_jobs(self, states: Sequence[str] = (), limit: int = 0) -> List[Dict[str, Any]]:
-        """Newest ``limit`` jobs (0 = all) in the given states, oldest first."""
+    def list_jobs(self, states: Sequence[str] = (), limit: int = 0,
+                  group: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Newest ``limit`` jobs (0 = all) in the given states (and ``group``), oldest first."""
 
     def finished_before(self, states: Sequence[str], before: float) -> List[str]: ...
 
@@ -206,8 +251,9 @@ class Store(Protocol):
     # Rows of workers that died without unregistering are shown as gone once their beat is
     # old and then forgotten; the rules (how old is gone) live in models.
     def register_worker(self, worker_id: str, host: str, pid: int, started_at: float,
-                        mode: str, now: float) -> None:
-        """Insert or replace this worker's row (stop_requested cleared)."""
+                        mode: str, now: float, capacity: int = 1, groups: str = "") -> None:
+        """Insert or replace this worker's row (stop_requested cleared); ``capacity`` is its
+        slots, ``groups`` the groups it serves (comma-separated, '' every group)."""
 
     def beat_worker(self, worker_id: str, now: float) -> Optional[int]:
         """Renew the row's heartbeat_at; returns its stop_requested (0 none, 1 graceful,
@@ -216,8 +262,8 @@ class Store(Protocol):
     def unregister_worker(self, worker_id: str) -> None: ...
 
     def registered_workers(self) -> List[Dict[str, Any]]:
-        """Every row (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested),
-        ordered by host, then started_at."""
+        """Every row (worker_id, host, pid, started_at, heartbeat_at, mode, stop_requested,
+        capacity, groups), ordered by host, then started_at."""
 
     def forget_workers(self, beaten_before: float) -> int:
         """Delete the rows whose last heartbeat is older than ``beaten_before``."""
@@ -279,6 +325,18 @@ class Store(Protocol):
     def flag(self, key: str) -> Optional[str]: ...
 
     def set_flag(self, key: str, value: Optional[str]) -> None: ...
+
+
+def with_activity(rows: List[Dict[str, Any]], active: Sequence[Sequence[Any]]) -> List[Dict[str, Any]]:
+    """Group rows (name, parallel, running, paused) with their ``waiting`` and ``processing``
+    counts from (grp, state, n) rows, by name; a group with jobs but no row is shown too."""
+    by_name = {row["name"]: dict(row, paused=bool(row["paused"]), waiting=0, processing=0)
+               for row in rows}
+    for grp, state, n in active:
+        row = by_name.setdefault(grp, {"name": grp, "parallel": None, "running": 0, "paused": False,
+                                       "waiting": 0, "processing": 0})
+        row["processing" if state == "processing" else "waiting"] += n
+    return [by_name[name] for name in sorted(by_name)]
 
 
 def database_url(paths: "Paths") -> str:

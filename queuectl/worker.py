@@ -54,10 +54,14 @@ RECOVERED = {  # what a recovered job's new state means, for the worker log
 
 
 class Worker:
+    capacity = 1  # slots: jobs run at once (queuectl.slot_worker runs more)
+
     def __init__(self, paths: Paths, overrides: Optional[Dict[str, Any]] = None,
-                 foreground: bool = False, log_jobs: bool = False, mode: str = "detached") -> None:
+                 foreground: bool = False, log_jobs: bool = False, mode: str = "detached",
+                 groups: Optional[List[str]] = None) -> None:
         self.paths = paths
         self.mode = "foreground" if foreground else mode
+        self.groups = groups  # the groups served (None: every group)
         self.overrides = overrides or {}
         self.foreground = foreground
         # One line per started and completed job: ~100 us per job through logging, a fifth
@@ -131,8 +135,11 @@ class Worker:
         store = open_store(paths, "worker")
         self.listener = store.listen()
         self.queue = Queue(store, overrides=self.overrides)
+        self.queue.serve_groups = self.groups
         self.chores = chores.for_worker(self.queue, paths)
-        log.info("worker %s started (pid %d, db %s)", self.worker_id, self.pid, store.location)
+        log.info("worker %s started (pid %d, db %s%s%s)", self.worker_id, self.pid, store.location,
+                 f", {self.capacity} slots" if self.capacity > 1 else "",
+                 f", groups {','.join(self.groups)}" if self.groups is not None else "")
         try:
             self._loop()
         finally:
@@ -206,7 +213,8 @@ class Worker:
             return None
         return self.held.popleft()
 
-    def _settle(self, claim: int = 0, release: bool = False, tries: int = 30) -> None:
+    def _settle(self, claim: int = 0, release: bool = False, tries: int = 30,
+                free: Optional[int] = None) -> None:
         """Record finished runs, hand back held jobs (``release``) and claim up to ``claim``
         more, all in one transaction. Storage errors are retried: a result is not dropped
         while this worker lives (if it gives up, recovery reads the result from the log)."""
@@ -216,7 +224,8 @@ class Worker:
         for attempt in range(tries):
             try:
                 states, claimed = self.queue.settle(done, self.worker_id, release=back,
-                                                    claim=0 if self.stopping else claim)
+                                                    claim=0 if self.stopping else claim,
+                                                    free=free, capacity=self.capacity)
                 break
             except QueueError as exc:
                 if attempt == 0:  # once per outage, not once per try
@@ -250,7 +259,8 @@ class Worker:
         if due and now < self._next_beat:
             return
         self._last_beat, self._next_beat = now, now + REGISTRY_EVERY
-        level = self.queue.worker_beat(self.worker_id, self.host, self.pid, self.started_at, self.mode)
+        level = self.queue.worker_beat(self.worker_id, self.host, self.pid, self.started_at, self.mode,
+                                       self.capacity)
         if level > self._stop_level:
             self._stop_level = level
             log.info("stop requested through the database%s", " (forced)" if level >= 2 else "")
@@ -339,10 +349,14 @@ class Worker:
         def on_event(woken: bool) -> executor.Abort:
             if woken:
                 self._drain()
-            if self.held or self.done:
-                # This run is not short after all, or there is news (new work, a cancel, a
-                # pause): the jobs claimed after it go back, where idle workers can take them,
-                # and the results of the runs before it are written down now, not after it.
+            if (self.held or self.done) and (not woken or self._news()):
+                # This run is not short after all (a tick: woken is False), or there is news
+                # (a pause, a job that comes before the ones held): the jobs claimed after it
+                # go back, where idle workers can take them, and the results of the runs
+                # before it are written down now, not after it. Not on any other wake-up: a
+                # hand-back rings every worker, so with more workers than cores (runs take
+                # longer) hand-backs set each other off in a cascade (8 workers lost ~15 %
+                # of 2 workers' throughput).
                 try:
                     self._settle(release=True, tries=1)
                 except Exception:  # noqa: BLE001 - a bookkeeping bug must not kill the run
@@ -415,6 +429,13 @@ class Worker:
         outcome.log_location = f"{self.host}:{log_path}"  # logs stay here; others are told where
         return outcome
 
+    def _news(self) -> bool:
+        """After a wake-up mid-run: is the queue paused, or does a job overtake ours?"""
+        try:
+            return self.queue.paused() or bool(self.held and self.queue.overtakes(self.held[0]))
+        except QueueError:
+            return False
+
     def _log_outcome(self, job: Dict[str, Any], outcome: executor.Outcome, state: str) -> None:
         alerts.job_settled(self.paths, self.queue.settings(), job, outcome, state)
         if state == "completed":
@@ -446,13 +467,21 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--foreground", action="store_true", help="attached to a terminal; logs every job")
     parser.add_argument("--log-jobs", action="store_true", help="log every job's start and completion")
     parser.add_argument("--supervised", action="store_true", help="started by queuectl's supervisor")
+    parser.add_argument("--concurrency", type=int, default=1, help="slots: jobs run at once")
+    parser.add_argument("--groups", help="comma-separated groups to serve (default: all)")
     args = parser.parse_args(argv)
     logfiles.setup("worker", Paths(args.home).worker_log(os.getpid()))
     try:
         overrides = ({"backoff_base": cfg.parse_value("backoff_base", args.backoff_base)}
                      if args.backoff_base is not None else {})
-        return Worker(Paths(args.home), overrides, foreground=args.foreground,
-                      log_jobs=args.log_jobs, mode="supervised" if args.supervised else "detached").run()
+        groups = [g for g in args.groups.split(",") if g] if args.groups is not None else None
+        options = dict(foreground=args.foreground, log_jobs=args.log_jobs, groups=groups,
+                       mode="supervised" if args.supervised else "detached")
+        if args.concurrency > 1:
+            from queuectl.slot_worker import SlotWorker
+
+            return SlotWorker(Paths(args.home), overrides, capacity=args.concurrency, **options).run()
+        return Worker(Paths(args.home), overrides, **options).run()
     except QueueError as exc:
         log.error("%s", exc)
         return 1

@@ -190,7 +190,8 @@ def worker_rows(paths: Paths, processing: Callable[[], List[Dict[str, Any]]],
         entries.append({"host": host, "pid": info.pid, "started_at": info.started_at,
                         "mode": info.mode, "worker_id": info.worker_id,
                         "heartbeat_at": row.get("heartbeat_at"), "gone": False,
-                        "stopping": info.stopping or bool(row.get("stop_requested"))})
+                        "stopping": info.stopping or bool(row.get("stop_requested")),
+                        "capacity": row.get("capacity") or 1, "groups": row.get("groups") or ""})
     forget: List[str] = []
     for row in registered:
         if row["worker_id"] in local_ids:
@@ -207,23 +208,31 @@ def worker_rows(paths: Paths, processing: Callable[[], List[Dict[str, Any]]],
         entries.append({"host": row["host"], "pid": row["pid"], "started_at": row["started_at"],
                         "mode": row["mode"], "worker_id": row["worker_id"],
                         "heartbeat_at": row["heartbeat_at"], "gone": gone,
-                        "stopping": bool(row["stop_requested"])})
+                        "stopping": bool(row["stop_requested"]),
+                        "capacity": row.get("capacity") or 1, "groups": row.get("groups") or ""})
     if clean and forget and registry is not None:
         registry.forget_workers(forget)
     if not entries:
         return []
-    busy: Dict[str, Dict[str, Any]] = {}
+    busy: Dict[str, List[Dict[str, Any]]] = {}
     if any(not e["gone"] for e in entries):
         for job_row in processing():  # oldest first: a worker's next jobs may be claimed already
-            busy.setdefault(job_row["worker_id"], job_row)
+            busy.setdefault(job_row["worker_id"], []).append(job_row)
     now = time.time()
     rows = []
     for entry in entries:
-        job = None if entry["gone"] else busy.get(entry["worker_id"])
+        jobs = [] if entry["gone"] else busy.get(entry["worker_id"], [])
+        capacity = int(entry["capacity"])
+        # A one-slot worker holds its next few short jobs claimed: it runs only the first.
+        running = jobs if capacity > 1 else jobs[:1]
+        job = running[0] if running else None
         state = ("gone" if entry["gone"] else "stopping" if entry["stopping"] else
                  "busy" if job else "idle")
         rows.append({"host": entry["host"], "pid": entry["pid"], "state": state,
-                     "job": job["id"] if job else None,
+                     "job": job["id"] if job else None, "jobs": [j["id"] for j in running],
+                     "slots": capacity,
+                     "busy_slots": sum(min(j.get("slots") or 1, capacity) for j in running),
+                     "groups": entry["groups"].split(",") if entry["groups"] else None,
                      "uptime": round(now - entry["started_at"], 1), "started_at": entry["started_at"],
                      "heartbeat_at": entry["heartbeat_at"], "mode": entry["mode"],
                      "stopping": entry["stopping"], "worker_id": entry["worker_id"]})

@@ -167,12 +167,16 @@
     const rows = s.workers.map((w) => el("tr", null,
       el("td", { className: "num mono" }, w.pid),
       el("td", null, stateBadge(w.state)),
-      el("td", { className: "mono" }, w.job ? jobLink(w.job) : "–"),
+      el("td", { className: "num" }, (w.busy_slots ?? (w.job ? 1 : 0)) + "/" + (w.slots ?? 1)),
+      el("td", { className: "mono" }, ...jobLinks(w.jobs && w.jobs.length ? w.jobs : (w.job ? [w.job] : []))),
       el("td", { className: "num" }, duration(w.uptime)),
       el("td", { className: "muted" }, w.mode)));
     const busyCount = s.workers.filter((w) => w.state === "busy").length;
-    $("workers-summary").textContent = s.workers.length + " running · " + busyCount + " busy";
-    fill("workers-table", rows, 5, "No workers running. Start some: queuectl worker start --count 2");
+    const slots = s.workers.reduce((n, w) => n + (w.slots ?? 1), 0);
+    const busySlots = s.workers.reduce((n, w) => n + (w.busy_slots ?? 0), 0);
+    $("workers-summary").textContent = s.workers.length + " running · " + busyCount + " busy" +
+      (slots > s.workers.length ? " · " + busySlots + "/" + slots + " slots busy" : "");
+    fill("workers-table", rows, 6, "No workers running. Start some: queuectl worker start --count 2");
 
     const schedules = s.schedules || [];
     fill("schedules-table", schedules.map((c) => el("tr", null,
@@ -183,6 +187,17 @@
       4, "No schedules. Add one: queuectl schedule add NAME --cron '0 2 * * *' COMMAND");
     const pausedCount = schedules.filter((c) => c.paused).length;
     $("schedules-summary").textContent = schedules.length + " · " + pausedCount + " paused";
+    const groups = (s.groups || []).map((g) => el("tr", null,
+      el("td", { className: "mono" }, g.name),
+      el("td", { className: "num" }, g.parallel === null ? "–" : g.parallel),
+      el("td", { className: "num" }, g.running),
+      el("td", { className: "num" }, g.waiting),
+      el("td", null, g.paused ? "paused" : "–")));
+    fill("groups-table", groups, 5, "No groups yet.");
+  }
+
+  function jobLinks(ids) {  // a multi-slot worker runs several: links separated by spaces
+    return ids.length ? ids.flatMap((id, i) => i ? [" ", jobLink(id)] : [jobLink(id)]) : ["–"];
   }
 
   function jobLink(id) {
