@@ -10,7 +10,7 @@ setup(
     package_data={"queuectl": ["static/*"]},
     python_requires=">=3.9",
     install_requires=["click>=8.0", "croniter>=2.0"],
-    extras_require={"test": ["pytest>=7", "pytest-mock>=3", "prometheus-client>=0.12"],
+    extras_require={"test": ["pytest>=7", "pytest-mock>=3", "pytest-xdist>=3", "prometheus-client>=0.12"],
                     "postgres": ["psycopg[binary]>=3.1"]},
     entry_points={"console_scripts": ["queuectl=queuectl.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Operating System :: POSIX"],

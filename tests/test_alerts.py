@@ -41,13 +41,17 @@ def settle(hooks: alerts.Hooks, timeout: float = 20) -> None:
 
 
 def test_a_hook_gets_the_job_in_its_environment(hooks: alerts.Hooks, tmp_path: Path) -> None:
-    out = tmp_path / "env.json"
+    out = tmp_path / "envs"
+    out.mkdir()
+    # One file per hook run: two hooks run at once, and their appends to one file may mix.
     dump = (f"python3 -c 'import json,os; print(json.dumps({{k: v for k, v in os.environ.items() "
-            f"if k.startswith(\"QUEUECTL_\")}}))' >> {out}")
+            f"if k.startswith(\"QUEUECTL_\")}}))' > {out}/$QUEUECTL_EVENT-$$.json")
+
+    def dumped() -> list:
+        return [json.loads(path.read_text()) for path in sorted(out.iterdir())]
     hooks.job_settled({"on_failure": dump, "on_dead": dump}, JOB, "exit code 7", "dead")
     settle(hooks)
-    seen = sorted((json.loads(line) for line in out.read_text().splitlines()),
-                  key=lambda env: env["QUEUECTL_EVENT"])
+    seen = sorted(dumped(), key=lambda env: env["QUEUECTL_EVENT"])
     assert [env["QUEUECTL_EVENT"] for env in seen] == ["on_dead", "on_failure"]
     for env in seen:
         assert env["QUEUECTL_JOB_ID"] == "j1" and env["QUEUECTL_JOB_STATE"] == "dead"
@@ -58,7 +62,7 @@ def test_a_hook_gets_the_job_in_its_environment(hooks: alerts.Hooks, tmp_path: P
     hooks.job_settled({"on_failure": dump, "on_dead": dump}, JOB, "exit code 7", "failed")
     hooks.job_settled({"on_failure": dump, "on_dead": dump}, JOB, None, "completed")
     settle(hooks)
-    assert len(out.read_text().splitlines()) == 3
+    assert len(dumped()) == 3
 
 
 def test_a_hanging_hook_is_killed_at_its_timeout_without_waiting(hooks: alerts.Hooks, mocker,
