@@ -146,11 +146,22 @@ def supervisor_state(paths: Any) -> Optional[Dict[str, Any]]:
     return supervisor.find(paths)
 
 
+def _capacity(func: Any) -> Any:
+    """-c/--concurrency and --group, as `worker start` has them (checked by the CLI's
+    _capacity_options); defined here too: cli.py imports this module, not the reverse."""
+    func = click.option("--group", "-g", "groups", metavar="G[,G2]",
+                        help="Workers serve only these groups (default: every group).")(func)
+    return click.option("--concurrency", "-c", default=1, show_default=True, type=int,
+                        help="Slots per worker: jobs each runs at once.")(func)
+
+
 @click.command("supervise")
 @click.option("--count", "-n", default=1, show_default=True, help="Workers to keep alive.")
 @click.option("--backoff-base", type=float, help="Override config backoff_base for the workers.")
 @click.option("--log-jobs", is_flag=True, help="Workers log every job's start and completion.")
-def supervise(count: int, backoff_base: Optional[float], log_jobs: bool) -> None:
+@_capacity
+def supervise(count: int, backoff_base: Optional[float], log_jobs: bool, concurrency: int,
+              groups: Optional[str]) -> None:
     """Keep N workers alive, in the foreground (what the systemd unit runs).
 
     A dead worker is replaced at once; workers that die right after starting are retried
@@ -162,10 +173,11 @@ def supervise(count: int, backoff_base: Optional[float], log_jobs: bool) -> None
       queuectl supervise --count 4
       queuectl worker start --count 4 --supervise   # the same, detached
     """
-    from queuectl.cli import _worker_options  # at call time: no import cycle
+    from queuectl.cli import _capacity_options, _worker_options  # at call time: no import cycle
 
     _check_count(count)
-    run_foreground(count, _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else []))
+    run_foreground(count, _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
+                   + _capacity_options(concurrency, groups))
 
 
 # -- systemd -----------------------------------------------------------------------------------
@@ -199,14 +211,21 @@ def _unit_dir(user: bool, unit_dir: Optional[str]) -> str:
               "(default: $SUDO_USER under sudo, else you).")
 @click.option("--print", "print_only", is_flag=True, help="Print the unit; write nothing.")
 @click.option("--unit-dir", metavar="DIR", help="Write the unit here instead.")
+@_capacity
 def service_install(user_unit: bool, count: int, name: str, stop_timeout: str,
-                    run_as: Optional[str], print_only: bool, unit_dir: Optional[str]) -> None:
+                    run_as: Optional[str], print_only: bool, unit_dir: Optional[str],
+                    concurrency: int, groups: Optional[str]) -> None:
     """Write a systemd unit that runs `queuectl supervise` for this home and database."""
     from queuectl import systemd_unit
+    from queuectl.cli import _capacity_options
 
     _check_count(count)
+    _capacity_options(concurrency, groups)  # checked as `worker start` checks them
+    worker_args = (["--concurrency", str(concurrency)] if concurrency > 1 else []) \
+        + (["--group", groups] if groups is not None else [])  # `supervise`'s own options
     text = systemd_unit.render(systemd_unit.UnitSpec.current(
-        user=user_unit, count=count, stop_timeout=stop_timeout, run_as=run_as))
+        user=user_unit, count=count, stop_timeout=stop_timeout, run_as=run_as,
+        worker_args=worker_args))
     if print_only:
         click.echo(text, nl=False)
         return

@@ -54,16 +54,18 @@ class UnitSpec:
     exec_start: List[str]
     env: Dict[str, str] = field(default_factory=dict)
     run_as: Optional[str] = None
+    worker_args: List[str] = field(default_factory=list)  # supervise's: --concurrency 8 --group backups
 
     @classmethod
-    def current(cls, user: bool, count: int, stop_timeout: str, run_as: Optional[str]) -> "UnitSpec":
+    def current(cls, user: bool, count: int, stop_timeout: str, run_as: Optional[str],
+                worker_args: Optional[List[str]] = None) -> "UnitSpec":
         """The unit for this home and database (the environment of this command)."""
         env = {"QUEUECTL_HOME": str(Paths().home)}
         env.update({name: os.environ[name] for name in PASSED_ON if os.environ.get(name)})
         if not user and run_as is None:
             run_as = os.environ.get("SUDO_USER") if os.getuid() == 0 else user_name()
         return cls(user, count, _timeout(stop_timeout), queuectl_executable(), env,
-                   None if user else run_as)
+                   None if user else run_as, list(worker_args or []))
 
 
 def _timeout(text: str) -> str:
@@ -99,7 +101,8 @@ def render(spec: UnitSpec) -> str:
         lines += ["Wants=network-online.target", "After=network-online.target"]
     lines += ["", "[Service]", "Type=exec",
               "ExecStart=" + " ".join(_quote(w) for w in [*spec.exec_start, "supervise",
-                                                           "--count", str(spec.count)])]
+                                                           "--count", str(spec.count),
+                                                           *spec.worker_args])]
     lines += [f"Environment={_quote(f'{k}={v}')}" for k, v in spec.env.items()]
     if spec.run_as:
         lines.append(f"User={spec.run_as}")

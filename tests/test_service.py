@@ -103,6 +103,14 @@ def test_the_system_unit_passes_systemd_analyze_verify(env: Path, tmp_path: Path
         verify(broken)
 
 
+def test_the_unit_passes_slots_and_groups_to_its_workers(env: Path) -> None:
+    result = run("service", "install", "--user", "-n", "2", "-c", "8", "--group", "downloads,backups",
+                 "--print")
+    assert result.exit_code == 0, result.output
+    _exe, *rest = shlex.split(parse(result.stdout)["Service"]["ExecStart"][0])
+    assert rest == ["supervise", "--count", "2", "--concurrency", "8", "--group", "downloads,backups"]
+
+
 def test_install_and_uninstall_write_and_remove_the_unit(env: Path, tmp_path: Path) -> None:
     result = run("service", "install", "--user", "--count", "2")
     assert result.exit_code == 0, result.output
@@ -125,6 +133,8 @@ def test_install_and_uninstall_write_and_remove_the_unit(env: Path, tmp_path: Pa
     (("--stop-timeout", "soon"), "--stop-timeout: expected a duration"),
     (("--name", "../evil"), "--name must be a plain unit name"),
     (("--count", "0"), "--count must be from 1 to 256"),
+    (("--concurrency", "0"), "--concurrency must be from 1 to 1024"),
+    (("--group", "no spaces"), "group"),
 ])
 def test_bad_install_options_are_one_line(env: Path, tmp_path: Path, args, message) -> None:
     result = run("service", "install", "--unit-dir", str(tmp_path / "u"), *args)
