@@ -83,13 +83,16 @@ def schedule() -> None:
 @click.option("--priority", "-p", type=int, help="Higher runs first (default 0).")
 @click.option("--timeout", help="Kill the job after this long: 30, 5m, 2h.")
 @click.option("--cwd", help="Working directory (default: current directory).")
+@click.option("--group", "-g", help="The jobs' group (default: default); see `group set`.")
+@click.option("--slots", type=int, help="Slots of its worker each job takes (default 1).")
 @click.option("--env", "-e", "env_vars", multiple=True, metavar="NAME=VALUE",
               help="Set an environment variable for the job (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def schedule_add(name: str, command: Sequence[str], cron: Optional[str], tz: Optional[str],
                  every: Optional[str], catch_up: str, overlap: str, max_retries: Optional[int],
                  priority: Optional[int], timeout: Optional[str], cwd: Optional[str],
-                 env_vars: Sequence[str], as_json: bool) -> None:
+                 group: Optional[str], slots: Optional[int], env_vars: Sequence[str],
+                 as_json: bool) -> None:
     """Add a schedule NAME that enqueues COMMAND at every slot.
 
     The command and job options are those of `add` (one argument is run by the shell,
@@ -100,7 +103,8 @@ def schedule_add(name: str, command: Sequence[str], cron: Optional[str], tz: Opt
 
     data: Dict[str, Any] = {"command": command[0] if len(command) == 1 else shlex.join(command)}
     for field, value in (("max_retries", max_retries), ("priority", priority),
-                         ("timeout", timeout), ("cwd", cwd if cwd is not None else _base()._cwd())):
+                         ("timeout", timeout), ("cwd", cwd if cwd is not None else _base()._cwd()),
+                         ("group", group), ("slots", slots)):
         if value is not None:
             data[field] = value
     if env_vars:

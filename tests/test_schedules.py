@@ -255,6 +255,8 @@ BAD = [
     (["x", "true"], "either --cron EXPR or --every DURATION"),
     (["x", "--every", "1m", "--timeout", "-3", "true"], "timeout"),
     (["x", "--every", "1m", "--cwd", "/no/such/dir", "true"], "cwd does not exist"),
+    (["x", "--every", "1m", "--group", "no spaces", "true"], "group"),
+    (["x", "--every", "1m", "--slots", "0", "true"], "slots"),
     (["keep", "--every", "1m", "true"], "already exists"),
 ]
 
@@ -273,7 +275,8 @@ def test_bad_schedules_are_refused_in_one_line_and_nothing_is_stored(cli, home):
 def test_schedule_commands_round_trip(cli, home):
     added = json.loads(cli("schedule", "add", "nightly", "--cron", "30 2 * * *", "--tz", "Europe/Berlin",
                            "--max-retries", "2", "--priority", "5", "--env", "A=1", "--overlap",
-                           "replace", "--json", "--", "pg_dump", "-Fc", "db").stdout)
+                           "replace", "--group", "backups", "--slots", "2", "--json", "--",
+                           "pg_dump", "-Fc", "db").stdout)
     assert added["when"] == "30 2 * * * (Europe/Berlin)" and added["overlap"] == "replace"
     assert added["job"]["command"] == "pg_dump -Fc db" and added["job"]["env"] == {"A": "1"}
     assert datetime.fromtimestamp(added["next_at"], ZoneInfo("Europe/Berlin")).strftime("%H:%M") == "02:30"
@@ -284,6 +287,7 @@ def test_schedule_commands_round_trip(cli, home):
     assert run["id"].startswith("nightly@run-")
     job = json.loads(cli("show", run["id"], "--json").stdout)
     assert job["priority"] == 5 and job["max_retries"] == 2
+    assert job["group"] == "backups" and job["slots"] == 2  # the group's limit applies to them
     shown = json.loads(cli("schedule", "show", "nightly", "--json").stdout)
     assert [j["id"] for j in shown["jobs"]] == [run["id"]] and shown["last_state"] == "pending"
     assert len(shown["upcoming"]) == 5
