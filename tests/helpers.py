@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -191,3 +192,23 @@ def make_dead(queue: Queue, job_id: str, worker_id: str = "host:1:1") -> None:
         job = queue.claim(worker_id)
         assert job is not None and job["id"] == job_id
         queue.finish(job, Outcome(1, "exit code 1", "boom\n"), worker_id)
+
+
+def in_threads(target: Callable[[int], None], count: int, timeout: float = 120) -> List[BaseException]:
+    """Run ``target(n)`` for n in range(count) in threads at once (concurrent claimers,
+    purgers, enqueuers on connections of their own); the exceptions they raised."""
+    errors: List[BaseException] = []
+
+    def run(n: int) -> None:
+        try:
+            target(n)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), f"threads still running after {timeout} s"
+    return errors

@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import pytest
 
-from helpers import run_queuectl, wait_until
+from helpers import wait_until
 
 from queuectl import alerts, executor
 from queuectl.jobspec import parse_job

@@ -8,6 +8,8 @@ from typing import Any, List
 
 import pytest
 
+from helpers import in_threads
+
 from queuectl.executor import Outcome
 from queuectl.jobspec import parse_job
 from queuectl.models import Queue
@@ -171,7 +173,6 @@ def test_concurrent_claimers_never_exceed_a_limit(queue, paths):
     running: List[dict] = []
     peak = [0]
     lock = threading.Lock()
-    errors: List[BaseException] = []
 
     def claimer(n: int) -> None:
         store = open_store(paths, "worker")
@@ -189,16 +190,10 @@ def test_concurrent_claimers_never_exceed_a_limit(queue, paths):
                 mine = got
                 if not got and not q.counts(group="g")["pending"] and not mine:
                     break
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
         finally:
             store.close()
 
-    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = in_threads(claimer, 4)
     assert not errors, errors
     assert queue.counts(group="g")["completed"] == 40
     assert peak[0] <= 3

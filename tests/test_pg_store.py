@@ -13,6 +13,8 @@ from typing import Any, Dict, List
 
 import pytest
 
+from helpers import in_threads
+
 from queuectl import pg_schema
 from queuectl.errors import Conflict, DuplicateKey, StorageError
 from queuectl.jobspec import parse_job
@@ -110,7 +112,6 @@ def test_concurrent_claimers_never_get_the_same_job(store):
     total = 2000
     Queue(store).enqueue([spec() for _ in range(total)])
     claimed: List[List[str]] = [[] for _ in range(4)]
-    errors: List[BaseException] = []
 
     def claimer(n: int) -> None:
         s = new_store("worker")
@@ -124,16 +125,10 @@ def test_concurrent_claimers_never_get_the_same_job(store):
                         return
                     continue
                 claimed[n].extend(j["id"] for j in jobs)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
         finally:
             s.close()
 
-    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = in_threads(claimer, 4)
     assert not errors, errors
     every = [job_id for ids in claimed for job_id in ids]
     assert len(every) == len(set(every)) == total

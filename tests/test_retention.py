@@ -5,11 +5,9 @@ chore with real log files, concurrent purgers, and one end-to-end run with a rea
 """
 from __future__ import annotations
 
-import threading
-
 import pytest
 
-from helpers import make_dead, run_queuectl, wait_until
+from helpers import in_threads, make_dead, run_queuectl, wait_until
 
 from queuectl import retention
 from queuectl.errors import InvalidInput, NotFound
@@ -145,9 +143,9 @@ def test_concurrent_purgers_share_the_work_without_errors(paths, clocked):
     states, claimed = q.settle((), W, claim=n)
     q.settle([(job, Outcome(0, None)) for job in claimed], W)
     clock.now += 10
-    deleted, errors = [], []
+    deleted = []
 
-    def purger() -> None:
+    def purger(_n: int) -> None:
         store = open_store(paths, "worker")
         try:
             other = Queue(store, clock=clock)
@@ -156,17 +154,11 @@ def test_concurrent_purgers_share_the_work_without_errors(paths, clocked):
                 if not ids:
                     return
                 deleted.extend(ids)
-        except Exception as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
         finally:
             store.close()
 
-    threads = [threading.Thread(target=purger) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    errors = in_threads(purger, 3, timeout=60)
+    assert not errors, errors
     assert len(deleted) == n and len(set(deleted)) == n
     assert q.counts()["completed"] == 0
 

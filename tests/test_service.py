@@ -66,7 +66,7 @@ def test_the_user_unit_runs_the_supervisor_for_this_home(env: Path, monkeypatch:
     exe, *rest = shlex.split(service["ExecStart"][0])
     assert rest == ["supervise", "--count", "3"]
     assert os.path.isabs(exe) and os.access(exe, os.X_OK)
-    assert sorted(service["Environment"]) == [f"QUEUECTL_DB=postgresql://queue@db.internal/jobs?schema=prod",
+    assert sorted(service["Environment"]) == ["QUEUECTL_DB=postgresql://queue@db.internal/jobs?schema=prod",
                                               f"QUEUECTL_HOME={env}"]
     assert service["KillMode"] == ["mixed"] and service["TimeoutStopSec"] == ["600s"]
     assert service["Restart"] == ["on-failure"]
