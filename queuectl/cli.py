@@ -11,6 +11,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import click
 
 from queuectl import __version__
+from queuectl.cli_options import capacity as _capacity
+from queuectl.cli_options import capacity_options as _capacity_options
+from queuectl.cli_options import check_count as _check_count
 from queuectl.errors import InvalidInput, QueueError
 from queuectl.paths import Paths
 from queuectl.timeutil import format_duration, format_instant
@@ -622,39 +625,6 @@ def _worker_options(backoff_base: Optional[float]) -> List[str]:
     except InvalidInput as exc:
         raise InvalidInput(f"--backoff-base: {exc}") from None
     return ["--backoff-base", repr(backoff_base)]
-
-
-def _check_count(count: int) -> None:
-    if not (1 <= count <= 256):
-        raise InvalidInput(f"--count must be from 1 to 256, got {count}")
-
-
-MAX_CONCURRENCY = 1024
-
-
-def _capacity_options(concurrency: int, groups: Optional[str]) -> List[str]:
-    """The worker's --concurrency and --groups options, checked here (one clear line)."""
-    from queuectl.jobspec import validate_group
-
-    if not (1 <= concurrency <= MAX_CONCURRENCY):
-        raise InvalidInput(f"--concurrency must be from 1 to {MAX_CONCURRENCY}, got {concurrency}")
-    options = ["--concurrency", str(concurrency)] if concurrency > 1 else []
-    if groups is not None:
-        names = [g.strip() for g in groups.split(",") if g.strip()]
-        if not names:
-            raise InvalidInput("--group needs at least one group name")
-        for name in names:
-            validate_group(name)
-        options += ["--groups", ",".join(dict.fromkeys(names))]
-    return options
-
-
-def _capacity(func: Any) -> Any:
-    """--concurrency/-c and --group, shared by `worker` and `worker start`."""
-    func = click.option("--group", "-g", "groups", metavar="G[,G2]",
-                        help="Serve only these groups (default: every group).")(func)
-    return click.option("--concurrency", "-c", default=1, show_default=True, type=int,
-                        help=f"Slots per worker: jobs each runs at once (1-{MAX_CONCURRENCY}).")(func)
 
 
 @cli.group(invoke_without_command=True)

@@ -11,6 +11,9 @@ from typing import Any, Dict, List, Optional
 
 import click
 
+from queuectl.cli_options import capacity as _capacity
+from queuectl.cli_options import capacity_options as _capacity_options
+from queuectl.cli_options import check_count as _check_count
 from queuectl.errors import InvalidInput
 from queuectl.paths import Paths
 from queuectl.timeutil import format_duration
@@ -18,11 +21,6 @@ from queuectl.timeutil import format_duration
 # Registered on the group by cli.py (cli.add_command), which it does not import: under
 # `python -m queuectl.cli` that would load a second copy of cli.py.
 _paths = Paths
-
-
-def _check_count(count: int) -> None:
-    if not (1 <= count <= 256):
-        raise InvalidInput(f"--count must be from 1 to 256, got {count}")
 
 
 # -- the supervisor ------------------------------------------------------------------------------
@@ -146,15 +144,6 @@ def supervisor_state(paths: Any) -> Optional[Dict[str, Any]]:
     return supervisor.find(paths)
 
 
-def _capacity(func: Any) -> Any:
-    """-c/--concurrency and --group, as `worker start` has them (checked by the CLI's
-    _capacity_options); defined here too: cli.py imports this module, not the reverse."""
-    func = click.option("--group", "-g", "groups", metavar="G[,G2]",
-                        help="Workers serve only these groups (default: every group).")(func)
-    return click.option("--concurrency", "-c", default=1, show_default=True, type=int,
-                        help="Slots per worker: jobs each runs at once.")(func)
-
-
 @click.command("supervise")
 @click.option("--count", "-n", default=1, show_default=True, help="Workers to keep alive.")
 @click.option("--backoff-base", type=float, help="Override config backoff_base for the workers.")
@@ -173,7 +162,7 @@ def supervise(count: int, backoff_base: Optional[float], log_jobs: bool, concurr
       queuectl supervise --count 4
       queuectl worker start --count 4 --supervise   # the same, detached
     """
-    from queuectl.cli import _capacity_options, _worker_options  # at call time: no import cycle
+    from queuectl.cli import _worker_options  # at call time: no import cycle
 
     _check_count(count)
     run_foreground(count, _worker_options(backoff_base) + (["--log-jobs"] if log_jobs else [])
@@ -217,7 +206,6 @@ def service_install(user_unit: bool, count: int, name: str, stop_timeout: str,
                     concurrency: int, groups: Optional[str]) -> None:
     """Write a systemd unit that runs `queuectl supervise` for this home and database."""
     from queuectl import systemd_unit
-    from queuectl.cli import _capacity_options
 
     _check_count(count)
     _capacity_options(concurrency, groups)  # checked as `worker start` checks them

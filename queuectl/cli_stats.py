@@ -1,9 +1,6 @@
 """``queuectl stats``: parsing and printing only (figures from queuectl/stats.py)."""
 from __future__ import annotations
 
-import json
-from typing import Optional
-
 import click
 
 LIMIT = 20  # commands shown in text output (--json has all of them)
@@ -25,7 +22,7 @@ def stats(since: str, as_json: bool) -> None:
       queuectl stats
       queuectl stats --since 24h --json
     """
-    from queuectl.cli import _queue
+    from queuectl.cli import _emit_json, _queue, _short
     from queuectl.stats import summarize
     from queuectl.timeutil import format_duration, parse_duration
 
@@ -38,7 +35,7 @@ def stats(since: str, as_json: bool) -> None:
     now = queue.clock()
     figures = summarize(queue.runs_since(now - window), window)
     if as_json:
-        click.echo(json.dumps(figures, indent=2))
+        _emit_json(figures)
         return
 
     def line(name: str, row: dict) -> str:
@@ -49,12 +46,8 @@ def stats(since: str, as_json: bool) -> None:
     click.echo(f"{'RUNS':>7} {'PER SEC':>8} {'FAILED':>7} {'P50':>8} {'P95':>8}  COMMAND")
     rows = figures["commands"]
     for row in rows[:LIMIT]:
-        click.echo(line(_short(row["command"]), row))
+        click.echo(line(_short(row["command"], 60), row))
     if len(rows) > LIMIT:
         click.echo(f"... and {len(rows) - LIMIT} more commands (--json lists them all)")
     click.echo(line("(all)", figures["total"]))
 
-
-def _short(text: str, width: Optional[int] = 60) -> str:
-    text = " ".join(text.split())
-    return text if width is None or len(text) <= width else text[:width - 1] + "…"
