@@ -416,6 +416,7 @@ class Worker:
             return None
 
         base_env = self._environment(job.get("env_id"))
+        settings = queue.settings()
         env = {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"])}
         log_path = self.paths.job_log_name(job["id"])
         outcome = executor.run_job(job["command"], bool(job["argv"]), job["cwd"], log_path,
@@ -423,8 +424,8 @@ class Worker:
                                    env, wake_fds=(self.listener.fileno(), self._sig_r),
                                    on_event=on_event, tick=HEARTBEAT_EVERY, on_start=on_start,
                                    first_tick=HOLD_LIMIT if self.held or self.done else None,
-                                   tail_bytes=queue.settings()["db_tail_bytes"],
-                                   max_log_bytes=queue.settings()["max_log_bytes"],
+                                   tail_bytes=settings["db_tail_bytes"],
+                                   max_log_bytes=settings["max_log_bytes"],
                                    base_env=base_env)
         outcome.log_location = f"{self.host}:{log_path}"  # logs stay here; others are told where
         return outcome
