@@ -153,7 +153,9 @@ def _command_text(job: Dict[str, Any]) -> str:
 
 def _public(job: Dict[str, Any]) -> Dict[str, Any]:
     """A job as users see it in --json: command decoded, internal columns dropped."""
-    out = {k: v for k, v in job.items() if k not in ("seq", "argv", "job_pid_start", "grp", "counted")}
+    from queuectl.store import INTERNAL_COLUMNS
+
+    out = {k: v for k, v in job.items() if k not in INTERNAL_COLUMNS}
     if "grp" in job:
         out["group"] = job["grp"]
     if job.get("argv") and isinstance(job.get("command"), str):

@@ -36,7 +36,7 @@ from queuectl.errors import Conflict, InvalidInput, NotFound, QueueError, Storag
 from queuectl.models import Queue
 from queuectl.paths import Paths
 from queuectl.schedules import Schedules
-from queuectl.store import open_store
+from queuectl.store import INTERNAL_COLUMNS, open_store
 
 TOKEN_HEADER = "X-Queuectl-Token"
 MIN_TOKEN_LENGTH = 8
@@ -96,7 +96,7 @@ def check_token(host: str, token: Optional[str]) -> str:
 
 def public_job(job: Dict[str, Any], with_output: bool = True) -> Dict[str, Any]:
     """A job as the page sees it: command decoded and printable, internal columns dropped."""
-    out = {k: v for k, v in job.items() if k not in ("seq", "argv", "job_pid_start", "grp", "counted")}
+    out = {k: v for k, v in job.items() if k not in INTERNAL_COLUMNS}
     if "grp" in job:
         out["group"] = job["grp"]
     command = job.get("command")

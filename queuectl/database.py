@@ -192,6 +192,13 @@ MIGRATIONS: "list[str]" = [
     ALTER TABLE workers ADD COLUMN capacity INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE workers ADD COLUMN groups TEXT NOT NULL DEFAULT '';  -- comma-separated; '' all
     """,
+    # Version 8: waited_on = 1 on every job some dependent waits (or waited) for, set when
+    # that dependent is enqueued; a finished run releases dependents only then, so the
+    # common job without any pays no dependents statement (on PostgreSQL a round trip).
+    """
+    ALTER TABLE jobs ADD COLUMN waited_on INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET waited_on = 1 WHERE id IN (SELECT dep_id FROM job_deps);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

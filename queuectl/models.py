@@ -190,7 +190,7 @@ class Queue:
         seen: Dict[str, int] = {}
         keys_in_batch: Dict[str, str] = {}
         dep_ids = {d for s in specs for d in s["after"]}
-        dep_states = store.states_of(sorted(dep_ids)) if dep_ids else {}
+        dep_states = store.wait_on(sorted(dep_ids)) if dep_ids else {}
         if not user_ids and not dep_ids and all(s["unique_key"] is None and not s.get("env")
                                                 for s in specs):
             return self._enqueue_plain(specs, now, envs.id_for(None))
@@ -400,10 +400,7 @@ class Queue:
         """
         now = self.clock()
         with self.store.transaction():
-            states = [self._finish_locked(job, outcome, worker_id, now) for job, outcome in results]
-            completed = [job["id"] for (job, _), state in zip(results, states) if state == "completed"]
-            if completed:  # one statement for all of them
-                self._release_dependents(completed, now)
+            states = self._finish_locked(results, worker_id, now)
             counted = [(state, o.started_at if o.started_at is not None else job["started_at"],
                         o.finished_at if o.finished_at is not None else now, job["run_at"])
                        for (job, o), state in zip(results, states) if state != "lost"]
@@ -415,26 +412,39 @@ class Queue:
             claimed = self._claim_locked(worker_id, claim, free, capacity) if claim else []
         return states, claimed
 
-    def _finish_locked(self, job: Dict[str, Any], outcome: Any, worker_id: str, now: float) -> str:
-        run_at = None
-        if outcome.cancelled:
-            state, error = "cancelled", outcome.error or "cancelled while running"
-        elif outcome.ok:
-            state, error = "completed", None
-        else:
-            failure = self._failure_fields(job, outcome.error, now)
-            state, error, run_at = failure["state"], failure["last_error"], failure.get("run_at")
-        started = outcome.started_at if outcome.started_at is not None else job["started_at"]
-        finished = outcome.finished_at if outcome.finished_at is not None else now
-        if not self.store.record_outcome(job["seq"], worker_id, state, now, started, finished,
-                                         outcome.exit_code, outcome.tail, error, run_at,
-                                         log_location=getattr(outcome, "log_location", None)):
-            return "lost"
-        if state != "completed":  # a completed job's row is its last run's record
-            self.store.add_run(job["id"], job["attempts"], worker_id, started, finished,
-                               outcome.exit_code, error)
-            self._after_state_change(job["id"], state, now)
-        return state  # the caller releases a completed job's dependents
+    def _finish_locked(self, results: Sequence["tuple[Dict[str, Any], Any]"], worker_id: str,
+                       now: float) -> List[str]:
+        """Record finished runs (one store call for all); each one's new state, or 'lost'."""
+        rows, states = [], []
+        for job, outcome in results:
+            run_at = None
+            if outcome.cancelled:
+                state, error = "cancelled", outcome.error or "cancelled while running"
+            elif outcome.ok:
+                state, error = "completed", None
+            else:
+                failure = self._failure_fields(job, outcome.error, now)
+                state, error, run_at = failure["state"], failure["last_error"], failure.get("run_at")
+            started = outcome.started_at if outcome.started_at is not None else job["started_at"]
+            finished = outcome.finished_at if outcome.finished_at is not None else now
+            rows.append((job["seq"], state, started, finished, outcome.exit_code, outcome.tail, error,
+                         run_at, getattr(outcome, "log_location", None)))
+            states.append(state)
+        flags = self.store.record_outcomes(worker_id, now, rows) if rows else []
+        released = []  # completed jobs some dependent waits for: one statement for all
+        for index, ((job, outcome), row, waited) in enumerate(zip(results, rows, flags)):
+            if waited is None:
+                states[index] = "lost"
+            elif states[index] == "completed":  # a completed job's row is its last run's record
+                if waited:
+                    released.append(job["id"])
+            else:
+                self.store.add_run(job["id"], job["attempts"], worker_id, row[2], row[3],
+                                   outcome.exit_code, row[6])
+                self._after_state_change(job["id"], states[index], now)
+        if released:
+            self._release_dependents(released, now)
+        return states
 
     def _failure_fields(self, job: Dict[str, Any], error: str, now: float) -> Dict[str, Any]:
         settings = self.settings()
@@ -782,7 +792,7 @@ class Queue:
                            for dep in back):
                     continue
                 deps = self.store.dependencies(child_id)
-                states = self.store.states_of(deps)
+                states = self.store.wait_on(deps)
                 if any(states.get(dep) in ("dead", "cancelled") for dep in deps):
                     continue
                 key = child["unique_key"]

@@ -181,5 +181,12 @@ MIGRATIONS: List[str] = [
     ALTER TABLE workers ADD COLUMN capacity integer NOT NULL DEFAULT 1;
     ALTER TABLE workers ADD COLUMN groups text NOT NULL DEFAULT '';  -- comma-separated; '' all
     """,
+    # Jobs some dependent waits for (see the SQLite migration of the same purpose in
+    # queuectl/database.py). Set under the row lock the enqueue of the dependent takes, so a
+    # finish that commits after it sees the flag in its own UPDATE's RETURNING.
+    """
+    ALTER TABLE jobs ADD COLUMN waited_on integer NOT NULL DEFAULT 0;
+    UPDATE jobs SET waited_on = 1 WHERE id IN (SELECT dep_id FROM job_deps);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

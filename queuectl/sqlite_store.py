@@ -245,21 +245,28 @@ class SqliteStore:
             params.append(worker_id)
         return self.conn.execute(sql, params).rowcount
 
-    def record_outcome(self, seq: int, worker_id: str, state: str, now: float, started_at: float,
-                       finished_at: float, exit_code: "int | None", tail: str, error: "str | None",
-                       run_at: "float | None", log_location: "str | None" = None) -> int:
-        """A finished run's result, if the job is still ours (processing, our worker_id).
-
-        update_job does the same in general; this fixed statement, by rowid, is on every
-        job's path.
-        """
-        return self.conn.execute(
-            "UPDATE jobs SET state = ?, started_at = ?, finished_at = ?, updated_at = ?, "
-            "lease_until = NULL, job_pid = NULL, job_pid_start = NULL, exit_code = ?, output_tail = ?, "
-            "last_error = ?, run_at = coalesce(?, run_at), log_location = coalesce(?, log_location) "
-            "WHERE seq = ? AND state = 'processing' AND worker_id = ?",
-            (state, started_at, finished_at, now, exit_code, tail, error, run_at, log_location, seq,
-             worker_id)).rowcount
+    def record_outcomes(self, worker_id: str, now: float,
+                        rows: "Sequence[tuple]") -> "list[bool | None]":
+        """See Store.record_outcomes: a fixed statement by rowid per run (in-process, a
+        statement is microseconds), then one read of the waited_on flags of those recorded."""
+        recorded: "list[bool | None]" = []
+        for seq, state, started_at, finished_at, exit_code, tail, error, run_at, location in rows:
+            count = self.conn.execute(
+                "UPDATE jobs SET state = ?, started_at = ?, finished_at = ?, updated_at = ?, "
+                "lease_until = NULL, job_pid = NULL, job_pid_start = NULL, exit_code = ?, "
+                "output_tail = ?, last_error = ?, run_at = coalesce(?, run_at), "
+                "log_location = coalesce(?, log_location) "
+                "WHERE seq = ? AND state = 'processing' AND worker_id = ?",
+                (state, started_at, finished_at, now, exit_code, tail, error, run_at, location, seq,
+                 worker_id)).rowcount
+            recorded.append(False if count else None)
+        ours = [row[0] for row, flag in zip(rows, recorded) if flag is not None]
+        if ours:
+            marks = ", ".join("?" * len(ours))
+            waited = {seq for (seq,) in self.conn.execute(
+                f"SELECT seq FROM jobs WHERE seq IN ({marks}) AND waited_on = 1", ours)}
+            recorded = [None if flag is None else row[0] in waited for row, flag in zip(rows, recorded)]
+        return recorded
 
     def add_run(self, job_id: str, attempt: int, worker_id: "str | None", started_at: "float | None",
                 finished_at: float, exit_code: "int | None", error: "str | None") -> None:
@@ -340,6 +347,17 @@ class SqliteStore:
             marks = ", ".join("?" * len(chunk))
             for job_id, state in self.db.read(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk):
                 found[job_id] = state
+        return found
+
+    def wait_on(self, ids: Sequence[str]) -> "dict[str, str]":
+        """See Store.wait_on: the one writer holds the database, no row lock is needed."""
+        found: "dict[str, str]" = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = list(ids[start:start + _CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            self.conn.execute(f"UPDATE jobs SET waited_on = 1 WHERE id IN ({marks}) AND waited_on = 0",
+                              chunk)
+            found.update(self.conn.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", chunk))
         return found
 
     def active_with_key(self, unique_key: str) -> "str | None":

@@ -45,6 +45,8 @@ def pad_new_job(job: Sequence[Any]) -> Tuple[Any, ...]:
 CLAIM_COLUMNS = ("seq", "id", "command", "argv", "cwd", "state", "priority", "run_at", "attempts",
                  "max_retries", "timeout", "worker_id", "started_at", "lease_until", "env_id",
                  "retry_base", "grp", "slots", "counted")
+# Columns of a job row that are bookkeeping, never shown to users (--json, the dashboard).
+INTERNAL_COLUMNS = frozenset(("seq", "argv", "job_pid_start", "grp", "counted", "waited_on"))
 # A schedule row (queuectl/schedules.py holds the rules; the backends only move these).
 SCHEDULE_COLUMNS = ("name", "kind", "expr", "tz", "spec", "env", "catch_up", "overlap", "paused",
                     "created_at", "next_at", "last_slot", "last_job", "last_fired_at")
@@ -154,13 +156,16 @@ class Store(Protocol):
         """Update one job if it is still in one of ``states`` and owned by ``worker_id``;
         returns the number of rows changed (0 or 1)."""
 
-    def record_outcome(self, seq: int, worker_id: str, state: str, now: float, started_at: float,
-                       finished_at: float, exit_code: Optional[int], tail: str,
-                       error: Optional[str], run_at: Optional[float],
-                       log_location: Optional[str] = None) -> int:
-        """A finished run's result if the job is still ours (processing, our worker_id).
-        ``log_location`` ("host:path" of the full log; None keeps the old value) is where
-        `logs` on another host sends the user: the database only has ``tail``."""
+    def record_outcomes(self, worker_id: str, now: float,
+                        rows: Sequence[Tuple[Any, ...]]) -> List[Optional[bool]]:
+        """Finished runs' results, each if its job is still ours (processing, our worker_id):
+        one statement for a whole batch (on PostgreSQL one round trip, not one per job).
+
+        ``rows``: (seq, state, started_at, finished_at, exit_code, tail, error, run_at,
+        log_location); run_at None keeps the old value, and so does log_location ("host:path"
+        of the full log, where `logs` on another host sends the user: the database only has
+        ``tail``). Returns per row None if it was not ours (the result is dropped), else
+        whether dependents may wait for the job (its waited_on flag, as of the update)."""
 
     def add_run(self, job_id: str, attempt: int, worker_id: Optional[str],
                 started_at: Optional[float], finished_at: float, exit_code: Optional[int],
@@ -193,6 +198,13 @@ class Store(Protocol):
         """The whole row (every column of the jobs table) or None."""
 
     def states_of(self, ids: Sequence[str]) -> Dict[str, str]: ...
+
+    def wait_on(self, ids: Sequence[str]) -> Dict[str, str]:
+        """States of the jobs a dependent about to be enqueued (or revived) will wait for,
+        inside its transaction. Marks them waited_on, so their finish releases dependents,
+        and holds their rows until COMMIT on a backend of concurrent writers: a finish
+        cannot commit between this read and the dependent's edges, or the dependent would
+        wait for a job already recorded as completed, forever."""
 
     def active_with_key(self, unique_key: str) -> Optional[str]:
         """Id of the waiting or running job holding ``unique_key``."""

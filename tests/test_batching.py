@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 import time
 from typing import Any, Dict, List
 
 import pytest
 
-from helpers import wait_until
+from helpers import PG_DSN, psycopg, wait_until
 
 from queuectl import executor, joblog, worker as worker_mod, worker_launcher
 from queuectl.executor import Outcome
@@ -109,6 +110,78 @@ def test_a_result_for_a_job_taken_from_us_is_dropped(queue):
 
 
 # -- joblog: what recovery reads ----------------------------------------------------------------
+def test_a_lost_result_in_a_batch_is_dropped_and_the_rest_recorded(queue):
+    """One statement records a whole batch; only the rows still ours change."""
+    ids = add(queue, 3)
+    _, claimed = queue.settle([], W, claim=3)
+    poke(queue, ids[1], worker_id="other:2:2")  # recovered by another worker meanwhile
+    states, _ = queue.settle([(job, Outcome(0, None, "ok\n")) for job in claimed], W)
+    assert states == ["completed", "lost", "completed"]
+    assert [row(queue, i)["state"] for i in ids] == ["completed", "processing", "completed"]
+    assert row(queue, ids[0])["output_tail"] == "ok\n"
+
+
+def test_only_jobs_some_dependent_waits_for_release_dependents(queue, mocker):
+    plain, parent = add(queue, 2)
+    child = add(queue, after=[parent])[0]
+    release = mocker.spy(queue.store, "release_dependents")
+    _, claimed = queue.settle([], W, claim=2)
+    assert [j["id"] for j in claimed] == [plain, parent]
+    queue.settle([(claimed[0], Outcome(0, None))], W)
+    assert release.call_count == 0, "nobody waits for it: no dependents statement"
+    queue.settle([(claimed[1], Outcome(0, None))], W)
+    assert [call.args[0] for call in release.call_args_list] == [[parent]]
+    assert row(queue, child)["deps_left"] == 0
+
+
+@pytest.mark.pg_only
+def test_a_dependent_enqueued_while_its_dependency_finishes_still_runs(paths, queue, mocker):
+    """The enqueue reads the dependency as running while the run's result is being
+    recorded on another connection: the record must wait for the enqueue's commit (the
+    row lock wait_on takes) and then release the new dependent, or it would wait forever."""
+    parent = add(queue)[0]
+    worker_store = open_store(paths, "worker")
+    try:
+        worker_queue = Queue(worker_store)
+        job = worker_queue.claim(W)
+        read, go = threading.Event(), threading.Event()
+        original = queue.store.wait_on
+
+        def wait_on_then_pause(ids):
+            states = original(ids)
+            read.set()  # the dependency's state is read: let the finish race us
+            assert go.wait(20)
+            return states
+
+        mocker.patch.object(queue.store, "wait_on", side_effect=wait_on_then_pause)
+        added: List[str] = []
+        enqueue = threading.Thread(target=lambda: added.extend(add(queue, after=[parent])))
+        enqueue.start()
+        assert read.wait(20)
+        finish = threading.Thread(target=worker_queue.settle, args=([(job, Outcome(0, None))], W))
+        finish.start()
+        try:  # the finish blocks on the dependency's row until the enqueue commits
+            wait_until(lambda: lock_waits(f"queuectl:{worker_store.schema}"), timeout=10,
+                       message="the finish waiting for the enqueue's row lock")
+        finally:
+            go.set()
+            enqueue.join(20)
+            finish.join(20)
+        assert row(queue, parent)["state"] == "completed"
+        child = row(queue, added[0])
+        assert child["deps_left"] == 0, "the dependent waits for a job already completed"
+        assert worker_queue.claim(W)["id"] == added[0]
+    finally:
+        worker_store.close()
+
+
+def lock_waits(application: str) -> int:
+    """Sessions of this application waiting for a lock (read on a connection of its own)."""
+    with psycopg.connect(PG_DSN) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                            "AND wait_event_type = 'Lock'", (application,)).fetchone()[0]
+
+
 def test_attempt_status_reads_header_and_result_lines(tmp_path):
     log = tmp_path / "j.log"
     assert joblog.attempt_status(log, 1, W) == (False, None)  # no log: never started
