@@ -32,7 +32,11 @@ from queuectl.worker import (FENCE_MARGIN, HEARTBEAT_EVERY, HOLD_LIMIT, PREFETCH
 
 log = logging.getLogger("queuectl.worker")
 NO_PIDFD_POLL = 0.01  # seconds between exit checks where the kernel has no pidfd
-MAX_PREFETCH = 64     # jobs held beyond the free slots at most (PREFETCH per slot below that)
+# Jobs held beyond the free slots while runs are short: SLOT_PREFETCH per slot, at most
+# MAX_PREFETCH. Twice Worker's PREFETCH: one process does all the bookkeeping here, and on
+# PostgreSQL a transaction's fixed part (claim, counters, commit) is most of its cost.
+SLOT_PREFETCH = 2 * PREFETCH
+MAX_PREFETCH = 64
 RECORD_DELAY = HOLD_LIMIT  # seconds a finished run's result waits at most to be recorded
 
 
@@ -42,7 +46,7 @@ class SlotWorker(Worker):
         self.capacity = capacity
         self.runs: Dict[str, Tuple[Dict[str, Any], executor.Run]] = {}  # job id -> (job, run)
         self.used_slots = 0     # the slots of self.runs
-        self.prefetch = min(PREFETCH * capacity, MAX_PREFETCH)  # held beyond the free slots
+        self.prefetch = min(SLOT_PREFETCH * capacity, MAX_PREFETCH)  # held beyond the free slots
         self._short = False     # the last run that ended was short: claims take a prefetch
         self._done_since: Optional[float] = None  # monotonic time the oldest of self.done ended
         self._pids_sent: Dict[str, bool] = {}
@@ -152,7 +156,9 @@ class SlotWorker(Worker):
         if need <= free:
             return False
         now = time.monotonic()
-        young = sum(self._slots(job) for job, run in self.runs.values() if now - run.started < HOLD_LIMIT)
+        # A run whose process already ended frees its slots at the next turn: not long.
+        young = sum(self._slots(job) for job, run in self.runs.values()
+                    if now - run.started < HOLD_LIMIT or run.done())
         return free + young < need
 
     def _hand_back(self) -> None:
