@@ -2,12 +2,20 @@
 single-slot worker supervises its one job (own process group, timeout, cancel, heartbeat,
 lease and fencing, log with header and result line).
 
-One loop waits on every run's pidfd, the doorbell and the signal pipe at once; results of
-the runs that ended are recorded and free slots filled in one transaction, and every run's
-lease is renewed in one transaction a second. Graceful stop: no new claims, every run
-finishes. Forced: every run is killed (and goes back to the retry path).
-``queuectl.worker.Worker`` (one slot) stays the path of the default, where batching claims
-of short jobs is what its speed comes from.
+One loop waits on every run's pidfd, the doorbell and the signal pipe at once; every
+run's lease is renewed in one transaction a second. Graceful stop: no new claims, every run
+finishes, held jobs go back unrun. Forced: every run is killed (and goes back to the retry
+path).
+
+Short jobs are batched as the single-slot Worker batches them (a transaction per job was
+most of a `true`'s cost, ~5 round trips and a commit on PostgreSQL): while runs are short,
+a claim takes the free slots plus a prefetch (``self.held``); a slot that frees starts the
+next held job at once, without a transaction, if its slots fit (claim order is kept: a
+held job that does not fit yet is waited for, not overtaken); results (``self.done``) are
+recorded in the transaction of the next claim, when nothing is held any more, or when the
+oldest has waited RECORD_DELAY. Held jobs go back to the queue (where other workers take
+them) once only runs older than HOLD_LIMIT stand between them and a slot, on news (a pause,
+a job that comes before them), a cancel of one of them, a lapsing claim, and on stop.
 """
 from __future__ import annotations
 
@@ -19,10 +27,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from queuectl import chores, executor
 from queuectl.errors import QueueError
-from queuectl.worker import FENCE_MARGIN, HEARTBEAT_EVERY, RECOVER_EVERY, Worker
+from queuectl.worker import (FENCE_MARGIN, HEARTBEAT_EVERY, HOLD_LIMIT, PREFETCH, RECOVER_EVERY,
+                             SHORT_JOB, Worker)
 
 log = logging.getLogger("queuectl.worker")
 NO_PIDFD_POLL = 0.01  # seconds between exit checks where the kernel has no pidfd
+# Jobs held beyond the free slots while runs are short: SLOT_PREFETCH per slot, at most
+# MAX_PREFETCH. Twice Worker's PREFETCH: one process does all the bookkeeping here, and on
+# PostgreSQL a transaction's fixed part (claim, counters, commit) is most of its cost.
+SLOT_PREFETCH = 2 * PREFETCH
+MAX_PREFETCH = 64
+RECORD_DELAY = HOLD_LIMIT  # seconds a finished run's result waits at most to be recorded
 
 
 class SlotWorker(Worker):
@@ -30,6 +45,10 @@ class SlotWorker(Worker):
         super().__init__(*args, **kwargs)
         self.capacity = capacity
         self.runs: Dict[str, Tuple[Dict[str, Any], executor.Run]] = {}  # job id -> (job, run)
+        self.used_slots = 0     # the slots of self.runs
+        self.prefetch = min(SLOT_PREFETCH * capacity, MAX_PREFETCH)  # held beyond the free slots
+        self._short = False     # the last run that ended was short: claims take a prefetch
+        self._done_since: Optional[float] = None  # monotonic time the oldest of self.done ended
         self._pids_sent: Dict[str, bool] = {}
         self._want_claim = True
         self._idle = False      # the last claim found less work than there were free slots
@@ -39,9 +58,8 @@ class SlotWorker(Worker):
         self._ready: List[int] = []       # pidfds poll() reported readable
         self._next_tick = float("inf")    # monotonic time a timeout or kill is due
 
-    @property
-    def used_slots(self) -> int:
-        return sum(min(job.get("slots") or 1, self.capacity) for job, _ in self.runs.values())
+    def _slots(self, job: Dict[str, Any]) -> int:
+        return min(job.get("slots") or 1, self.capacity)
 
     def _loop(self) -> None:
         _raise_fd_limit(2 * self.capacity + 64)  # a log and a pidfd per run
@@ -69,18 +87,7 @@ class SlotWorker(Worker):
                     next_recovery = time.monotonic() + RECOVER_EVERY
                 chores.run_due(self.chores)
                 self._collect()
-                free = self.capacity - self.used_slots
-                if self.done or (free > 0 and self._want_claim and not self.stopping):
-                    self._want_claim = False
-                    claim = free if free > 0 and not self.stopping else 0
-                    if self.done or self.queue.has_ready():
-                        # One try: a retry loop here would leave the runs unsupervised;
-                        # what is not recorded now is tried again at the next event.
-                        self._settle(claim=claim, free=free, tries=1)
-                        self._idle = len(self.held) < claim
-                    else:
-                        self._idle = True
-                    self._start_held()
+                self._fill()
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     next_heartbeat = now + HEARTBEAT_EVERY
@@ -97,6 +104,8 @@ class SlotWorker(Worker):
                     self._drain()
                     self._want_claim = True
                     self._check_cancels()
+                    if self.held and self._news():  # a pause, or a job that comes first
+                        self._hand_back()
             except QueueError as exc:
                 self._sleep_unless_running(self._unreachable(exc))
             except Exception:  # never let one bad job or bug kill the worker
@@ -104,12 +113,76 @@ class SlotWorker(Worker):
                 self._sleep_unless_running(1.0)
         self._settle(release=True, tries=10)
 
+    # -- claims, held jobs and results ------------------------------------------------------
+    def _fill(self) -> None:
+        """Start held jobs in the free slots; claim (recording the results in the same
+        transaction) once none is held; record results that waited long enough; hand held
+        jobs back when they would wait behind long runs. Every transaction here is one try:
+        a retry loop would leave the runs unsupervised; what is not done now is done at the
+        next event."""
+        if self.stopping:  # no new claims; what is held goes back unrun
+            if self.held or self.done:
+                self._settle(release=True, tries=1)
+            return
+        if self.held and (self.held[0]["lease_until"] - time.time()
+                          < self.queue.settings()["lease_seconds"] / 2):
+            self._hand_back()  # our claim is lapsing (were we frozen?)
+        self._start_held()
+        if self.held:
+            if self._blocked():
+                self._hand_back()
+            elif self.done and time.monotonic() - self._done_since >= RECORD_DELAY:
+                self._settle(tries=1)
+            if self.held:
+                return
+        free = self.capacity - self.used_slots
+        want = free + self.prefetch if self._short else free
+        if want > 0 and self._want_claim:
+            self._want_claim = False
+            if self.done or self.queue.has_ready():
+                self._settle(claim=want, free=want, tries=1)
+                self._idle = sum(self._slots(job) for job in self.held) < want
+                self._start_held()
+            else:
+                self._idle = True
+        elif self.done:  # nothing to claim for (every slot busy with runs that are not short)
+            self._settle(tries=1)
+
+    def _blocked(self) -> bool:
+        """Whether the next held job can only start once a run older than HOLD_LIMIT ends:
+        then the held jobs go back, where idle workers take them."""
+        need = self._slots(self.held[0])
+        free = self.capacity - self.used_slots
+        if need <= free:
+            return False
+        now = time.monotonic()
+        # A run whose process already ended frees its slots at the next turn: not long.
+        young = sum(self._slots(job) for job, run in self.runs.values()
+                    if now - run.started < HOLD_LIMIT or run.done())
+        return free + young < need
+
+    def _hand_back(self) -> None:
+        """Held jobs back to the queue, the results so far recorded (one transaction); claims
+        take no prefetch until a run is short again."""
+        self._short = False
+        self._settle(release=True, tries=1)
+
+    def _settle(self, claim: int = 0, release: bool = False, tries: int = 30,
+                free: Optional[int] = None) -> None:
+        super()._settle(claim=claim, release=release, tries=tries, free=free)
+        if not self.done:
+            self._done_since = None
+
+    def _add_done(self, job: Dict[str, Any], outcome: executor.Outcome) -> None:
+        if not self.done:
+            self._done_since = time.monotonic()
+        self.done.append((job, outcome))
+        self._want_claim = True
+
     # -- runs -----------------------------------------------------------------------------
     def _start_held(self) -> None:
-        if self.stopping and self.held:  # claimed as the stop arrived: hand them back, unrun
-            self._settle(release=True, tries=1)
-            return
-        while self.held:
+        """Start held jobs, in claim order, while the next one's slots fit in the free ones."""
+        while self.held and self._slots(self.held[0]) <= self.capacity - self.used_slots:
             job = self.held.popleft()
             if self.log_jobs:
                 log.info("job %s: attempt %d started: %s", job["id"], job["attempts"], job["command"])
@@ -122,9 +195,10 @@ class SlotWorker(Worker):
                                    tail_bytes=self.queue.settings()["db_tail_bytes"])
             except Exception as exc:  # noqa: BLE001 - e.g. the log cannot be written (disk full)
                 log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
-                self.done.append((job, executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")))
+                self._add_done(job, executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}"))
                 continue
             self.runs[job["id"]] = (job, run)
+            self.used_slots += self._slots(job)
             self._pids_sent[job["id"]] = False
             self._next_tick = min(self._next_tick, run.next_due())
             if run.proc is None:  # it could not start: over at once
@@ -154,6 +228,7 @@ class SlotWorker(Worker):
 
     def _end(self, job_id: str) -> None:
         job, run = self.runs.pop(job_id)
+        self.used_slots -= self._slots(job)
         self._pids_sent.pop(job_id, None)
         if run.fileno() >= 0:
             self._poller.unregister(run.fileno())
@@ -164,8 +239,10 @@ class SlotWorker(Worker):
             log.exception("job %s: attempt %d could not be finished", job["id"], job["attempts"])
             outcome = executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")
         outcome.log_location = f"{self.host}:{self.paths.job_log_name(job_id)}"
-        self.done.append((job, outcome))
-        self._want_claim = True
+        # As Worker._run: only a run that happened counts as short (a worker error, say a
+        # full disk, is no reason to claim a prefetch).
+        self._short = outcome.finished_at is not None and outcome.duration < SHORT_JOB
+        self._add_done(job, outcome)
 
     def _heartbeat(self) -> None:
         """Renew every run's lease in one transaction; kill the runs that are no longer ours
@@ -204,12 +281,14 @@ class SlotWorker(Worker):
         self._next_tick = 0.0  # an abort's SIGKILL is due later: tick() schedules it
 
     def _check_cancels(self) -> None:
-        if not self.runs:
+        if not (self.runs or self.held):
             return
         try:
             cancels = self.queue.cancels_for(self.worker_id)
         except QueueError:
             return  # asked again at the next heartbeat
+        if any(job["id"] in cancels for job in self.held):
+            self._hand_back()  # a held one is cancelled, not started (the rest are claimed again)
         for job_id in cancels:
             entry = self.runs.get(job_id)
             if entry is not None:
@@ -223,8 +302,13 @@ class SlotWorker(Worker):
                   self._next_tick)
         if any(run.fileno() < 0 and run.proc is not None for _, run in self.runs.values()):
             due = min(due, now + NO_PIDFD_POLL)
+        if self.done:  # the results wait RECORD_DELAY at most
+            due = min(due, self._done_since + RECORD_DELAY)
+        if self.held:  # the next held job does not fit yet: look again when a run turns long
+            due = min([due] + [run.started + HOLD_LIMIT for _, run in self.runs.values()
+                               if run.started + HOLD_LIMIT > now])
         timeout = due - now
-        if self.stopping or self.capacity - self.used_slots <= 0:
+        if self.stopping or self.held or self.capacity - self.used_slots <= 0:
             return timeout
         if self._want_claim:
             return 0.0
