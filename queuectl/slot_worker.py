@@ -124,9 +124,8 @@ class SlotWorker(Worker):
             if self.held or self.done:
                 self._settle(release=True, tries=1)
             return
-        if self.held and (self.held[0]["lease_until"] - time.time()
-                          < self.queue.settings()["lease_seconds"] / 2):
-            self._hand_back()  # our claim is lapsing (were we frozen?)
+        if self._claim_lapsing():
+            self._hand_back()
         self._start_held()
         if self.held:
             if self._blocked():

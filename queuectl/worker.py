@@ -201,9 +201,8 @@ class Worker:
 
     def _next_job(self) -> Optional[Dict[str, Any]]:
         """The next claimed job, claiming (and recording finished runs) when none is held."""
-        if self.held and (self.held[0]["lease_until"] - time.time()
-                          < self.queue.settings()["lease_seconds"] / 2):
-            self._settle(release=True)  # our claim is lapsing (were we frozen?): hand them all back
+        if self._claim_lapsing():
+            self._settle(release=True)  # hand them all back
         if not self.held and (self.done or self.queue.has_ready()):
             self._settle(claim=self.batch)
             while not self.held and self.queue.has_ready():  # another worker was faster
@@ -212,6 +211,11 @@ class Worker:
             self.batch = 1  # idle: the first claim after a pause is one job, fair to idle peers
             return None
         return self.held.popleft()
+
+    def _claim_lapsing(self) -> bool:
+        """Whether the held jobs' claim is half gone (were we frozen?): they go back then."""
+        return bool(self.held) and (self.held[0]["lease_until"] - time.time()
+                                    < self.queue.settings()["lease_seconds"] / 2)
 
     def _settle(self, claim: int = 0, release: bool = False, tries: int = 30,
                 free: Optional[int] = None) -> None:

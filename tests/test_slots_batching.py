@@ -26,7 +26,7 @@ from queuectl.slot_worker import SlotWorker
 from queuectl.worker import HOLD_LIMIT
 from queuectl.store import open_store
 
-from test_slots_e2e import peak, read_events, recording
+from test_slots_e2e import cli_home, peak, read_events, recording
 
 W = "host:1:1"
 
@@ -126,7 +126,7 @@ def test_a_cancel_of_a_held_job_cancels_it_unrun(slot_worker, queue):
 def test_short_jobs_are_recorded_several_per_transaction(queue, workers):
     ids = add(queue, 60)
     workers.start(1, "--concurrency", "2")
-    wait_until(lambda: counts(Path(os.environ["QUEUECTL_HOME"]))["completed"] == 60, timeout=60,
+    wait_until(lambda: counts(cli_home(queue))["completed"] == 60, timeout=60,
                message="all completed")
     rows = [queue.get(i) for i in ids]
     assert all(r["attempts"] == 1 for r in rows)
@@ -167,7 +167,7 @@ def test_prefetch_keeps_group_limits_and_slot_fit(cli, queue, workers, tmp_path)
             cli("add", "--id", f"two{i}", "--slots", "2", recording(events, 0))
     workers.start(1, "--concurrency", "2")
     total = 12 + 12 + 4
-    wait_until(lambda: counts(Path(os.environ["QUEUECTL_HOME"]))["completed"] == total, timeout=60,
+    wait_until(lambda: counts(cli_home(queue))["completed"] == total, timeout=60,
                message="all completed")
     found = read_events(events)
     assert peak(found, {f"g{i}" for i in range(12)}) == 1, "never more than 1 of g at once"
@@ -185,7 +185,7 @@ def test_prefetch_keeps_group_limits_and_slot_fit(cli, queue, workers, tmp_path)
 def test_a_stop_amid_short_jobs_hands_back_held_ones_unrun(queue, workers, force):
     ids = add(queue, 400)
     pid = workers.start(1, "--concurrency", "2")[0]
-    wait_until(lambda: counts(Path(os.environ["QUEUECTL_HOME"]))["completed"] >= 20, timeout=30,
+    wait_until(lambda: counts(cli_home(queue))["completed"] >= 20, timeout=30,
                message="some done")
     result = workers.stop(*(["--force"] if force else []), "--wait", "30")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -198,12 +198,12 @@ def test_a_sigkilled_worker_holding_jobs_has_each_recovered_once(cli, queue, wor
     cli("config", "set", "backoff_base", "0")  # a run cut short is retried at once
     ids = add(queue, 400)
     first = workers.start(1, "--concurrency", "2")[0]
-    wait_until(lambda: counts(Path(os.environ["QUEUECTL_HOME"]))["completed"] >= 20, timeout=30,
+    wait_until(lambda: counts(cli_home(queue))["completed"] >= 20, timeout=30,
                message="some done")
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: not pid_alive(first), message="worker dead")
     workers.start(1, "--concurrency", "2")
-    wait_until(lambda: counts(Path(os.environ["QUEUECTL_HOME"]))["completed"] == 400, timeout=60,
+    wait_until(lambda: counts(cli_home(queue))["completed"] == 400, timeout=60,
                message="all recovered and completed")
     check_each_ran_once(queue, ids)
 
@@ -214,7 +214,7 @@ def check_each_ran_once(queue: Queue, ids: List[str], allow_failed: bool = False
     allowed = {"completed", "pending"} | ({"failed"} if allow_failed else set())
     rows: Dict[str, Dict[str, Any]] = {i: queue.get(i) for i in ids}
     assert {r["state"] for r in rows.values()} <= allowed, {r["state"] for r in rows.values()}
-    logs = Path(os.environ["QUEUECTL_HOME"]) / "logs" / "jobs"
+    logs = cli_home(queue) / "logs" / "jobs"
     for job_id, row in rows.items():
         attempts = [n for n, _ in joblog.attempts(logs / f"{job_id}.log")]
         if row["state"] == "pending":
