@@ -172,6 +172,11 @@ def drop_schema(url: str, schema: str) -> None:
 class PgStore:
     """Every SQL statement of the PostgreSQL backend lives here (and the schema beside it)."""
 
+    # A transaction costs ~2 ms of round trips, server work and a WAL flush at COMMIT
+    # whatever it holds: at 8 jobs that was most of a `true` job's cost, at 32 a fraction
+    # (benchmarks/RESULTS.md, 2026-12-02 afternoon).
+    batch = 32
+
     def __init__(self, url: str, role: str = "cli") -> None:
         self.dsn, self.schema = parse_url(url)
         self.role = role

@@ -62,6 +62,11 @@ def _dicts(cursor: sqlite3.Cursor) -> "list[dict[str, Any]]":
 class SqliteStore:
     """Every SQL statement about jobs, config and flags lives here."""
 
+    # With two workers every transaction starts on a page cache the other one just
+    # invalidated; 8 short jobs per transaction made that a small part of a job's cost,
+    # and more would only keep work from idle peers (benchmarks/RESULTS.md).
+    batch = 8
+
     def __init__(self, path: "str | os.PathLike[str]", durable: bool = True,
                  workers_dir: "Path | None" = None) -> None:
         self.db = Database(path, durable=durable)

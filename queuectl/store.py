@@ -71,6 +71,9 @@ class Store(Protocol):
     """Every method a backend implements. Writes run inside ``transaction()``; reads anywhere."""
 
     location: str  # what to show a user: a file path, or a DSN without its password
+    # How many short jobs a worker claims, and records, per transaction: what this backend's
+    # fixed cost per transaction makes worth holding back from idle peers.
+    batch: int
 
     # -- plumbing --------------------------------------------------------------------------
     def transaction(self) -> ContextManager[Any]:

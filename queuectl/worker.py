@@ -25,11 +25,14 @@ from queuectl.store import open_store
 
 RECOVER_EVERY = 2.0  # seconds between checks for jobs whose worker died
 HEARTBEAT_EVERY = 1.0
-# Short jobs are claimed and recorded a few per transaction: one transaction per job was
-# a third of a worker's CPU per `true`. Claimed jobs wait at most HOLD_LIMIT behind a run.
-PREFETCH = 8        # jobs claimed at once while runs are short
-SHORT_JOB = 0.010   # seconds: a run this short lets the next claim take PREFETCH jobs
+# Short jobs are claimed and recorded several per transaction (the store's ``batch``: one
+# transaction per job was a third of a worker's CPU per `true` on SQLite, and more on
+# PostgreSQL). Claimed jobs wait at most HOLD_LIMIT behind a run.
+SHORT_JOB = 0.010   # seconds: a run this short lets the next claim take a whole batch
 HOLD_LIMIT = 0.020  # seconds: held jobs go back to the queue once a run takes this long
+# Seconds the oldest recorded-later result waits at most while held jobs keep a worker busy:
+# `wait` and dependents see a short job finish this soon, even in a batch of 32.
+RECORD_DELAY = 0.050
 # The registry row (every host's `worker status`, `worker stop --all-hosts`) is beaten this
 # often, not per job; after a wake-up (a stop request rings it) a beat comes sooner, at most
 # every BEAT_GAP, so a request is seen within about a second.
@@ -73,6 +76,8 @@ class Worker:
         self.held: Deque[Dict[str, Any]] = deque()  # claimed, not started yet (claim order)
         self.done: List[Tuple[Dict[str, Any], executor.Outcome]] = []  # ran, not recorded yet
         self.batch = 1  # jobs the next claim may take
+        self.batch_size = 1  # ... while runs are short: the store's batch (set in run())
+        self._done_since: Optional[float] = None  # monotonic time the oldest of self.done ended
         self.own_env: Dict[str, str] = dict(os.environ)  # run() takes it again, with QUEUECTL_HOME
         self.envs: Dict[Any, Dict[str, str]] = {None: self.own_env}
         self.host = worker_launcher.host_name()
@@ -134,6 +139,7 @@ class Worker:
         self.envs: Dict[Any, Dict[str, str]] = {None: self.own_env}
         store = open_store(paths, "worker")
         self.listener = store.listen()
+        self.batch_size = store.batch
         self.queue = Queue(store, overrides=self.overrides)
         self.queue.serve_groups = self.groups
         self.chores = chores.for_worker(self.queue, paths)
@@ -193,16 +199,20 @@ class Worker:
             # failed so it is retried as a NEW attempt, never re-run as this one.
             log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
             outcome = executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")
+        if not self.done:
+            self._done_since = time.monotonic()
         self.done.append((job, outcome))
         # Only a run that happened counts as short: a worker error (say, a full disk) is not
         # a reason to claim eight jobs at once.
         ran = outcome.finished_at is not None
-        self.batch = PREFETCH if ran and outcome.duration < SHORT_JOB else 1
+        self.batch = self.batch_size if ran and outcome.duration < SHORT_JOB else 1
 
     def _next_job(self) -> Optional[Dict[str, Any]]:
         """The next claimed job, claiming (and recording finished runs) when none is held."""
         if self._claim_lapsing():
             self._settle(release=True)  # hand them all back
+        elif self.held and self.done and time.monotonic() - self._done_since >= RECORD_DELAY:
+            self._settle()  # results wait no longer than this, however many jobs are held
         if not self.held and (self.done or self.queue.has_ready()):
             self._settle(claim=self.batch)
             while not self.held and self.queue.has_ready():  # another worker was faster
@@ -242,10 +252,12 @@ class Worker:
                 log.error("giving up on %d job(s); recovery will settle them from their logs",
                           len(done) + len(back))
                 self.done = []
+                self._done_since = None
                 if release:
                     self.held.clear()
             return
         self.done = []
+        self._done_since = None
         if release:
             self.held.clear()
         self.held.extend(claimed)

@@ -22,7 +22,7 @@ from queuectl.executor import Outcome
 from queuectl.jobspec import parse_job
 from queuectl.models import Queue
 from queuectl.store import open_store
-from queuectl.worker import PREFETCH, Worker
+from queuectl.worker import RECORD_DELAY, Worker
 
 W = "host:1:1"
 
@@ -50,7 +50,7 @@ def test_settle_records_several_runs_and_claims_several_in_claim_order(queue):
     first = queue.claim(W)
     assert first["id"] == high[0]
     outcome = Outcome(0, None, "out\n", started_at=100.0, finished_at=100.5)
-    states, claimed = queue.settle([(first, outcome)], W, claim=PREFETCH)
+    states, claimed = queue.settle([(first, outcome)], W, claim=8)
     assert states == ["completed"]
     assert [j["id"] for j in claimed] == low, "claimed in priority, then insertion order"
     assert all(row(queue, j)["state"] == "processing" for j in low)
@@ -59,7 +59,7 @@ def test_settle_records_several_runs_and_claims_several_in_claim_order(queue):
     assert (done["started_at"], done["finished_at"], done["output_tail"]) == (100.0, 100.5, "out\n")
 
     failed = Outcome(3, "exit code 3", "")
-    states, more = queue.settle([(claimed[0], Outcome(0, None)), (claimed[1], failed)], W, claim=PREFETCH)
+    states, more = queue.settle([(claimed[0], Outcome(0, None)), (claimed[1], failed)], W, claim=8)
     assert states == ["completed", "failed"] and more == []
     assert row(queue, low[1])["last_error"] == "exit code 3"
     assert [r["error"] for r in queue.details(low[1])["runs"]] == ["exit code 3"]
@@ -287,6 +287,7 @@ def bare_worker(paths, mocker):
     w.worker_id = W
     store = open_store(paths, "worker")
     w.queue = Queue(store)
+    w.batch_size = store.batch
     run = mocker.patch.object(Worker, "_execute")
     run.seconds = 0.001
     run.side_effect = lambda job: Outcome(0, None, duration=run.seconds, started_at=1.0,
@@ -316,9 +317,26 @@ def test_short_jobs_are_claimed_and_recorded_several_per_transaction(bare_worker
     bare_worker._settle(release=True)
     assert all(row(queue, i)["state"] == "completed" for i in ids)
     assert all(row(queue, i)["attempts"] == 1 for i in ids)
-    # 1 job, then PREFETCH at a time, then the last results with nothing left to claim.
-    assert settle.call_count <= 1 + -(-19 // PREFETCH) + 1
+    # 1 job, then a batch at a time, then the last results with nothing left to claim.
+    assert settle.call_count <= 1 + -(-19 // bare_worker.batch_size) + 1
     assert bare_worker.batch == 1, "idle again: the next claim takes one job"
+
+
+def test_a_result_waits_at_most_record_delay_while_held_jobs_keep_the_worker_busy(bare_worker, queue):
+    """A batch of 32 short jobs can take a while: the first ones' results are recorded once
+    they have waited RECORD_DELAY, without waiting for the held ones to run."""
+    ids = add(queue, 40)  # more than a batch on any backend
+    drive(bare_worker, 3)  # one job alone, then a batch: two of it ran, the rest is held
+    assert bare_worker.held and bare_worker.done
+    ran = [job["id"] for job, _ in bare_worker.done]
+    assert all(row(queue, i)["state"] == "processing" for i in ran), "not recorded yet"
+    bare_worker._done_since -= RECORD_DELAY  # as if they had waited that long
+    held = [job["id"] for job in bare_worker.held]
+    assert bare_worker._next_job()["id"] == held[0]
+    assert all(row(queue, i)["state"] == "completed" for i in ran)
+    assert [job["id"] for job in bare_worker.held] == held[1:], "no claim, no hand-back"
+    assert all(row(queue, i)["state"] == "processing" for i in held)
+    assert row(queue, ids[-1])["state"] == "pending"
 
 
 def test_long_jobs_are_claimed_one_at_a_time(bare_worker, queue):

@@ -53,6 +53,7 @@ def slot_worker(paths):
         directory.mkdir(parents=True, exist_ok=True)
     store = open_store(paths, "worker")
     w.queue = Queue(store)
+    w.batch_size = store.batch
     yield w
     for _, run in list(w.runs.values()):
         run.abort("test over", False, kill_now=True)
