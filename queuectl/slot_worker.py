@@ -32,12 +32,11 @@ from queuectl.worker import (FENCE_MARGIN, HEARTBEAT_EVERY, HOLD_LIMIT, RECORD_D
 
 log = logging.getLogger("queuectl.worker")
 NO_PIDFD_POLL = 0.01  # seconds between exit checks where the kernel has no pidfd
-# Jobs held beyond the free slots while runs are short: SLOT_BATCHES of the store's batch
-# per slot, at most MAX_BATCHES of them. Twice a single-slot worker's: one process does all
-# the bookkeeping here, and a transaction's fixed part (claim, counters, commit) is most
-# of its cost.
-SLOT_BATCHES = 2
-MAX_BATCHES = 8
+# Jobs held beyond the free slots while runs are short: SLOT_PREFETCH per slot, at most
+# MAX_PREFETCH, on either backend. More (PostgreSQL's batch of 32 per slot) made W1c2
+# slower there: a run that takes over HOLD_LIMIT hands every held job back, one UPDATE each.
+SLOT_PREFETCH = 16
+MAX_PREFETCH = 64
 
 
 class SlotWorker(Worker):
@@ -46,6 +45,7 @@ class SlotWorker(Worker):
         self.capacity = capacity
         self.runs: Dict[str, Tuple[Dict[str, Any], executor.Run]] = {}  # job id -> (job, run)
         self.used_slots = 0     # the slots of self.runs
+        self.prefetch = min(SLOT_PREFETCH * capacity, MAX_PREFETCH)  # held beyond the free slots
         self._short = False     # the last run that ended was short: claims take a prefetch
         self._done_since: Optional[float] = None  # monotonic time the oldest of self.done ended
         self._pids_sent: Dict[str, bool] = {}
@@ -56,11 +56,6 @@ class SlotWorker(Worker):
         self._by_fd: Dict[int, str] = {}  # pidfd -> job id
         self._ready: List[int] = []       # pidfds poll() reported readable
         self._next_tick = float("inf")    # monotonic time a timeout or kill is due
-
-    @property
-    def prefetch(self) -> int:
-        """Jobs held beyond the free slots while runs are short."""
-        return min(SLOT_BATCHES * self.capacity, MAX_BATCHES) * self.batch_size
 
     def _slots(self, job: Dict[str, Any]) -> int:
         return min(job.get("slots") or 1, self.capacity)
