@@ -33,8 +33,8 @@ from queuectl.worker import (FENCE_MARGIN, HEARTBEAT_EVERY, HOLD_LIMIT, RECORD_D
 log = logging.getLogger("queuectl.worker")
 NO_PIDFD_POLL = 0.01  # seconds between exit checks where the kernel has no pidfd
 # Jobs held beyond the free slots while runs are short: SLOT_PREFETCH per slot, at most
-# MAX_PREFETCH, on either backend. More (PostgreSQL's batch of 32 per slot) made W1c2
-# slower there: a run that takes over HOLD_LIMIT hands every held job back, one UPDATE each.
+# MAX_PREFETCH, on either backend (not scaled by the store's batch: a run over HOLD_LIMIT
+# hands every held job back, one UPDATE each, and larger holds are not measured yet).
 SLOT_PREFETCH = 16
 MAX_PREFETCH = 64
 
