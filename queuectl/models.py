@@ -511,9 +511,9 @@ class Queue:
         return {job_id: (mine, mine and job_id in cancels) for job_id, mine in ours.items()}
 
     def cancels_for(self, worker_id: str) -> "set[str]":
-        """Ids of this worker's running jobs whose cancel was asked (one read for all)."""
-        return {row["id"] for row in self.store.processing()
-                if row["worker_id"] == worker_id and row["cancel_requested"]}
+        """Ids of this worker's running jobs whose cancel was asked (one read for all, of
+        this worker's cancelled runs only: a multi-slot worker asks on every wake-up)."""
+        return set(self.store.cancels_for(worker_id))
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self.store.get(job_id)

@@ -579,6 +579,12 @@ class PgStore:
         return self._dicts("SELECT id, worker_id, lease_until, job_pid, job_pid_start, attempts, "
                            "started_at, grp, slots, cancel_requested FROM jobs WHERE state = 'processing' ORDER BY seq")
 
+    def cancels_for(self, worker_id: str) -> List[str]:
+        # state = 'processing' implies the partial jobs_state index's state <> 'completed'.
+        return [r[0] for r in self._rows(
+            "SELECT id FROM jobs WHERE state = 'processing' AND worker_id = %s "
+            "AND cancel_requested <> 0", (worker_id,))]
+
     def counts(self, group: Optional[str] = None) -> Dict[str, int]:
         if group is not None:
             return dict(self._rows("SELECT state, count(*) FROM jobs WHERE grp = %s GROUP BY state",

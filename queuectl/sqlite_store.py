@@ -389,6 +389,11 @@ class SqliteStore:
                            f"started_at, grp, slots, cancel_requested FROM jobs INDEXED BY jobs_state WHERE {_NOT_COMPLETED} "
                            "AND state = 'processing' ORDER BY seq")
 
+    def cancels_for(self, worker_id: str) -> "list[str]":
+        return [r[0] for r in self.db.read(
+            f"SELECT id FROM jobs INDEXED BY jobs_state WHERE {_NOT_COMPLETED} AND state = 'processing' "
+            "AND worker_id = ? AND cancel_requested != 0", (worker_id,))]
+
     def counts(self, group: "str | None" = None) -> "dict[str, int]":
         """Jobs per state; completed = all - the rest (they are not in jobs_state), read in
         one statement so both counts come from the same snapshot."""

@@ -220,6 +220,11 @@ class Store(Protocol):
         """Running jobs (id, worker_id, lease_until, job_pid, job_pid_start, attempts,
         started_at, grp, slots, cancel_requested), oldest first."""
 
+    def cancels_for(self, worker_id: str) -> List[str]:
+        """Ids of ``worker_id``'s processing jobs whose cancel was asked: what a multi-slot
+        worker asks on every wake-up and heartbeat, so only the processing entries of the
+        jobs_state index are read (``processing`` returns every running job's row)."""
+
     def counts(self, group: Optional[str] = None) -> Dict[str, int]:
         """Jobs per state (states with none may be missing), from one snapshot; of one
         group only when ``group`` is given."""
