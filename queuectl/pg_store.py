@@ -450,6 +450,13 @@ class PgStore:
                             "('pending', 'failed', 'processing') GROUP BY grp, state")
         return with_activity(rows, active)
 
+    def group_rows_for(self, names: Sequence[str]) -> List[Dict[str, Any]]:
+        names = list(names)
+        if not names:
+            return []
+        return self._dicts("SELECT name, parallel, running, paused FROM groups WHERE name = ANY(%s)",
+                           (names,))
+
     def update_job(self, job_id: str, fields: Dict[str, Any], *, states: Sequence[str] = (),
                    worker_id: Optional[str] = None) -> int:
         sets = ", ".join(f"{name} = %s" for name in fields)  # names come from models, not users

@@ -124,7 +124,7 @@ class SlotWorker(Worker):
             if self.held or self.done:
                 self._settle(release=True, tries=1)
             return
-        if self._claim_lapsing():
+        if self._claim_lapsing() or self._hand_back_due:
             self._hand_back()
         self._start_held()
         if self.held:
@@ -180,8 +180,9 @@ class SlotWorker(Worker):
 
     # -- runs -----------------------------------------------------------------------------
     def _start_held(self) -> None:
-        """Start held jobs, in claim order, while the next one's slots fit in the free ones."""
-        while self.held and self._slots(self.held[0]) <= self.capacity - self.used_slots:
+        """Start held jobs, in claim order, while the next one's slots fit in the free ones;
+        none while news says they must go back first (a paused group, say)."""
+        while not self._hand_back_due and self.held and self._slots(self.held[0]) <= self.capacity - self.used_slots:
             job = self.held.popleft()
             if self.log_jobs:
                 log.info("job %s: attempt %d started: %s", job["id"], job["attempts"], job["command"])

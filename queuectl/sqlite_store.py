@@ -231,6 +231,14 @@ class SqliteStore:
                               "GROUP BY grp, state")
         return with_activity(rows, active)
 
+    def group_rows_for(self, names: Sequence[str]) -> "list[dict[str, Any]]":
+        names = list(names)
+        if not names:
+            return []
+        marks = ", ".join("?" * len(names))
+        return self._query(f"SELECT name, parallel, running, paused FROM groups WHERE name IN ({marks})",
+                           names)
+
     def update_job(self, job_id: str, fields: "dict[str, Any]", *, states: Sequence[str] = (),
                    worker_id: "str | None" = None) -> int:
         """Update one job if it is (still) in one of ``states`` and owned by ``worker_id``."""

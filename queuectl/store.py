@@ -151,6 +151,11 @@ class Store(Protocol):
         """Every group row (name, parallel, running, paused) with its jobs: ``waiting``
         (pending or failed) and ``processing`` (running now, counted or not), by name."""
 
+    def group_rows_for(self, names: Sequence[str]) -> List[Dict[str, Any]]:
+        """The rows (name, parallel, running, paused) of these groups, by primary key (no
+        job is read): a worker holding claimed jobs asks after a wake-up whether their
+        groups were paused or their limits lowered meanwhile."""
+
     def update_job(self, job_id: str, fields: Dict[str, Any], *, states: Sequence[str] = (),
                    worker_id: Optional[str] = None) -> int:
         """Update one job if it is still in one of ``states`` and owned by ``worker_id``;
