@@ -91,7 +91,7 @@ def run_to_end(run: executor.Run) -> executor.Outcome:
     import time
 
     while not run.done():
-        wait = max(run.next_due() - time.monotonic(), 0.0)
+        wait = min(max(run.next_due() - time.monotonic(), 0.0), 1.0)  # nothing due: inf
         if run.fileno() >= 0:
             select.select([run.fileno()], [], [], wait)
         else:  # no pidfd: poll
