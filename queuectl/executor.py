@@ -16,6 +16,10 @@ from typing import Callable, Optional, Sequence, Tuple
 from queuectl import joblog
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL to a job's process group
+CAP_EVERY = 1.0   # seconds between a Run's log size checks (max_log_bytes), as run_job's tick
+# A Run ticked for any reason checks its size this much early: the checks of a multi-slot
+# worker's runs fall together into few wake-ups instead of one wake-up per run and second.
+CAP_SLACK = 0.5
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 # The environment os.environ was last set to (by identity): jobs inherit os.environ, which
 # is only rewritten when the next job's environment differs. Passing env= to Popen would
@@ -159,12 +163,16 @@ class Run:
     Exactly as run_job: the attempt's header before, its result line after, its own process
     group, stdin /dev/null. ``fileno()`` (a pidfd; -1 without pidfd support: poll ``done()``)
     is readable once the process has exited; ``abort`` SIGTERMs the group and ``tick`` sends
-    SIGKILL once the grace period is over, so no call here ever blocks."""
+    SIGKILL once the grace period is over, so no call here ever blocks.
+
+    ``max_log_bytes``: as run_job, the attempt's output is cut to its head and tail beyond
+    this (queuectl/logcap.py); ``tick`` checks it every CAP_EVERY while the run lasts (the
+    check is due in ``next_due``) and ``finish`` once more before reading the tail."""
 
     def __init__(self, command: str, argv: bool, cwd: Optional[str], log_path: "str | Path",
                  job_id: str, attempt: int, worker_id: str, timeout: Optional[float],
                  env: "dict[str, str]", base_env: "Optional[dict]" = None,
-                 tail_bytes: int = joblog.TAIL_BYTES) -> None:
+                 tail_bytes: int = joblog.TAIL_BYTES, max_log_bytes: Optional[int] = None) -> None:
         self.job_id, self.attempt, self.argv, self.tail_bytes = job_id, attempt, argv, tail_bytes
         self.started, self.started_at = time.monotonic(), time.time()
         self.deadline = self.started + timeout if timeout else None
@@ -176,6 +184,13 @@ class Run:
         self.start_error: Optional[str] = None
         self.fd, self.offset = joblog.open_for_attempt(log_path, joblog.header(job_id, attempt,
                                                                                worker_id, command))
+        self.cap = None
+        self.cap_at: Optional[float] = None  # monotonic time the next size check is due
+        if max_log_bytes:
+            from queuectl.logcap import OutputCap
+
+            self.cap = OutputCap(self.fd, self.offset, max_log_bytes)
+            self.cap_at = self.started + CAP_EVERY
         try:
             use_environment(base_env, env)
             self.proc = spawn(command, argv, cwd, self.fd)
@@ -212,9 +227,12 @@ class Run:
             self.kill_at = time.monotonic() + KILL_GRACE
 
     def tick(self, now: float) -> None:
-        """The timeout and the SIGKILL after an abort's grace period."""
+        """The timeout, the SIGKILL after an abort's grace period and the log size check."""
         if self.proc is None or self.proc.returncode is not None:
             return
+        if self.cap_at is not None and now >= self.cap_at - CAP_SLACK:
+            self.cap.check()
+            self.cap_at = now + CAP_EVERY
         if self.deadline is not None and now >= self.deadline and self.abort_reason is None:
             self.abort(f"timed out after {self.timeout:g}s", False)
         if self.kill_at is not None and now >= self.kill_at:
@@ -223,8 +241,8 @@ class Run:
 
     def next_due(self) -> float:
         """Monotonic time by which tick() has something to do (infinity: nothing)."""
-        due = [t for t in (self.deadline if self.abort_reason is None else None, self.kill_at)
-               if t is not None]
+        due = [t for t in (self.deadline if self.abort_reason is None else None, self.kill_at,
+                           self.cap_at) if t is not None]
         return min(due, default=float("inf"))
 
     def finish(self) -> Outcome:
@@ -237,6 +255,8 @@ class Run:
                 if self.pidfd >= 0:
                     os.close(self.pidfd)
                     self.pidfd = -1
+                if self.cap is not None:
+                    self.cap.check()
                 tail = joblog.tail_of(self.fd, self.offset, self.tail_bytes)
                 if self.abort_reason is not None:
                     reason, cancelled = self.abort_reason

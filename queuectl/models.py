@@ -337,6 +337,14 @@ class Queue:
         head = self.store.ready_head(self.clock(), self.serve_groups)
         return head is not None and (-head[0], head[1], head[2]) < (-job["priority"], job["run_at"], job["seq"])
 
+    def closed_groups(self, jobs: Iterable[Dict[str, Any]]) -> "set[str]":
+        """The groups of ``jobs`` (claimed, not started) that must not start them now:
+        paused, or running more than their limit (claimed jobs already count as running:
+        the limit was lowered after the claim). One read by primary key."""
+        names = sorted({job.get("grp") or DEFAULT_GROUP for job in jobs})
+        return {row["name"] for row in self.store.group_rows_for(names)
+                if row["paused"] or (row["parallel"] is not None and row["running"] > row["parallel"])}
+
     def claim(self, worker_id: str) -> Optional[Dict[str, Any]]:
         with self.store.transaction():
             jobs = self._claim_locked(worker_id, 1)
@@ -511,9 +519,9 @@ class Queue:
         return {job_id: (mine, mine and job_id in cancels) for job_id, mine in ours.items()}
 
     def cancels_for(self, worker_id: str) -> "set[str]":
-        """Ids of this worker's running jobs whose cancel was asked (one read for all)."""
-        return {row["id"] for row in self.store.processing()
-                if row["worker_id"] == worker_id and row["cancel_requested"]}
+        """Ids of this worker's running jobs whose cancel was asked (one read for all, of
+        this worker's cancelled runs only: a multi-slot worker asks on every wake-up)."""
+        return set(self.store.cancels_for(worker_id))
 
     def cancel_requested(self, job_id: str) -> bool:
         row = self.store.get(job_id)

@@ -455,6 +455,13 @@ class PgStore:
                             "('pending', 'failed', 'processing') GROUP BY grp, state")
         return with_activity(rows, active)
 
+    def group_rows_for(self, names: Sequence[str]) -> List[Dict[str, Any]]:
+        names = list(names)
+        if not names:
+            return []
+        return self._dicts("SELECT name, parallel, running, paused FROM groups WHERE name = ANY(%s)",
+                           (names,))
+
     def update_job(self, job_id: str, fields: Dict[str, Any], *, states: Sequence[str] = (),
                    worker_id: Optional[str] = None) -> int:
         sets = ", ".join(f"{name} = %s" for name in fields)  # names come from models, not users
@@ -583,6 +590,12 @@ class PgStore:
     def processing(self) -> List[Dict[str, Any]]:
         return self._dicts("SELECT id, worker_id, lease_until, job_pid, job_pid_start, attempts, "
                            "started_at, grp, slots, cancel_requested FROM jobs WHERE state = 'processing' ORDER BY seq")
+
+    def cancels_for(self, worker_id: str) -> List[str]:
+        # state = 'processing' implies the partial jobs_state index's state <> 'completed'.
+        return [r[0] for r in self._rows(
+            "SELECT id FROM jobs WHERE state = 'processing' AND worker_id = %s "
+            "AND cancel_requested <> 0", (worker_id,))]
 
     def counts(self, group: Optional[str] = None) -> Dict[str, int]:
         if group is not None:

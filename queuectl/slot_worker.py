@@ -123,7 +123,7 @@ class SlotWorker(Worker):
             if self.held or self.done:
                 self._settle(release=True, tries=1)
             return
-        if self._claim_lapsing():
+        if self._claim_lapsing() or self._hand_back_due:
             self._hand_back()
         self._start_held()
         if self.held:
@@ -179,18 +179,21 @@ class SlotWorker(Worker):
 
     # -- runs -----------------------------------------------------------------------------
     def _start_held(self) -> None:
-        """Start held jobs, in claim order, while the next one's slots fit in the free ones."""
-        while self.held and self._slots(self.held[0]) <= self.capacity - self.used_slots:
+        """Start held jobs, in claim order, while the next one's slots fit in the free ones;
+        none while news says they must go back first (a paused group, say)."""
+        while not self._hand_back_due and self.held and self._slots(self.held[0]) <= self.capacity - self.used_slots:
             job = self.held.popleft()
             if self.log_jobs:
                 log.info("job %s: attempt %d started: %s", job["id"], job["attempts"], job["command"])
             log_path = self.paths.job_log_name(job["id"])
+            settings = self.queue.settings()
             try:
                 run = executor.Run(job["command"], bool(job["argv"]), job["cwd"], log_path, job["id"],
                                    job["attempts"], self.worker_id, self.queue.job_timeout(job),
                                    {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"])},
                                    base_env=self._environment(job.get("env_id")),
-                                   tail_bytes=self.queue.settings()["db_tail_bytes"])
+                                   tail_bytes=settings["db_tail_bytes"],
+                                   max_log_bytes=settings["max_log_bytes"])
             except Exception as exc:  # noqa: BLE001 - e.g. the log cannot be written (disk full)
                 log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
                 self._add_done(job, executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}"))

@@ -236,6 +236,14 @@ class SqliteStore:
                               "GROUP BY grp, state")
         return with_activity(rows, active)
 
+    def group_rows_for(self, names: Sequence[str]) -> "list[dict[str, Any]]":
+        names = list(names)
+        if not names:
+            return []
+        marks = ", ".join("?" * len(names))
+        return self._query(f"SELECT name, parallel, running, paused FROM groups WHERE name IN ({marks})",
+                           names)
+
     def update_job(self, job_id: str, fields: "dict[str, Any]", *, states: Sequence[str] = (),
                    worker_id: "str | None" = None) -> int:
         """Update one job if it is (still) in one of ``states`` and owned by ``worker_id``."""
@@ -393,6 +401,11 @@ class SqliteStore:
         return self._query("SELECT id, worker_id, lease_until, job_pid, job_pid_start, attempts, "
                            f"started_at, grp, slots, cancel_requested FROM jobs INDEXED BY jobs_state WHERE {_NOT_COMPLETED} "
                            "AND state = 'processing' ORDER BY seq")
+
+    def cancels_for(self, worker_id: str) -> "list[str]":
+        return [r[0] for r in self.db.read(
+            f"SELECT id FROM jobs INDEXED BY jobs_state WHERE {_NOT_COMPLETED} AND state = 'processing' "
+            "AND worker_id = ? AND cancel_requested != 0", (worker_id,))]
 
     def counts(self, group: "str | None" = None) -> "dict[str, int]":
         """Jobs per state; completed = all - the rest (they are not in jobs_state), read in

@@ -154,6 +154,11 @@ class Store(Protocol):
         """Every group row (name, parallel, running, paused) with its jobs: ``waiting``
         (pending or failed) and ``processing`` (running now, counted or not), by name."""
 
+    def group_rows_for(self, names: Sequence[str]) -> List[Dict[str, Any]]:
+        """The rows (name, parallel, running, paused) of these groups, by primary key (no
+        job is read): a worker holding claimed jobs asks after a wake-up whether their
+        groups were paused or their limits lowered meanwhile."""
+
     def update_job(self, job_id: str, fields: Dict[str, Any], *, states: Sequence[str] = (),
                    worker_id: Optional[str] = None) -> int:
         """Update one job if it is still in one of ``states`` and owned by ``worker_id``;
@@ -222,6 +227,11 @@ class Store(Protocol):
     def processing(self) -> List[Dict[str, Any]]:
         """Running jobs (id, worker_id, lease_until, job_pid, job_pid_start, attempts,
         started_at, grp, slots, cancel_requested), oldest first."""
+
+    def cancels_for(self, worker_id: str) -> List[str]:
+        """Ids of ``worker_id``'s processing jobs whose cancel was asked: what a multi-slot
+        worker asks on every wake-up and heartbeat, so only the processing entries of the
+        jobs_state index are read (``processing`` returns every running job's row)."""
 
     def counts(self, group: Optional[str] = None) -> Dict[str, int]:
         """Jobs per state (states with none may be missing), from one snapshot; of one

@@ -86,6 +86,9 @@ class Worker:
         self._stop_level = 0    # the stop level last seen in the registry
         self._outage_since: Optional[float] = None  # storage unreachable since (monotonic)
         self._outage_tries = 0
+        # News (a pause, a lowered group limit) came while jobs were held: none of them may
+        # start until they are handed back (a failed hand-back is tried again first).
+        self._hand_back_due = False
 
     # -- signals --------------------------------------------------------------------------
     def _on_stop(self, signum: int, _frame: Any) -> None:
@@ -209,7 +212,7 @@ class Worker:
 
     def _next_job(self) -> Optional[Dict[str, Any]]:
         """The next claimed job, claiming (and recording finished runs) when none is held."""
-        if self._claim_lapsing():
+        if self._claim_lapsing() or self._hand_back_due:
             self._settle(release=True)  # hand them all back
         elif self.held and self.done and time.monotonic() - self._done_since >= RECORD_DELAY:
             self._settle()  # results wait no longer than this, however many jobs are held
@@ -233,6 +236,8 @@ class Worker:
         more, all in one transaction. Storage errors are retried: a result is not dropped
         while this worker lives (if it gives up, recovery reads the result from the log)."""
         done, back = self.done, list(self.held) if release else []
+        if release and not back:
+            self._hand_back_due = False  # nothing held: nothing to hand back
         if not (done or back or claim):
             return
         for attempt in range(tries):
@@ -255,11 +260,13 @@ class Worker:
                 self._done_since = None
                 if release:
                     self.held.clear()
+                    self._hand_back_due = False
             return
         self.done = []
         self._done_since = None
         if release:
             self.held.clear()
+            self._hand_back_due = False
         self.held.extend(claimed)
         for (job, outcome), state in zip(done, states):
             self._log_outcome(job, outcome, state)
@@ -447,11 +454,17 @@ class Worker:
         return outcome
 
     def _news(self) -> bool:
-        """After a wake-up mid-run: is the queue paused, or does a job overtake ours?"""
+        """After a wake-up mid-run: is the queue paused, is a held job's group paused or over
+        its (lowered) limit, or does a job overtake ours? If so the held jobs must go back
+        before any of them starts (``_hand_back_due``), even if this hand-back fails."""
         try:
-            return self.queue.paused() or bool(self.held and self.queue.overtakes(self.held[0]))
+            news = self.queue.paused() or bool(self.held and (
+                self.queue.closed_groups(self.held) or self.queue.overtakes(self.held[0])))
         except QueueError:
             return False
+        if news and self.held:
+            self._hand_back_due = True
+        return news
 
     def _log_outcome(self, job: Dict[str, Any], outcome: executor.Outcome, state: str) -> None:
         alerts.job_settled(self.paths, self.queue.settings(), job, outcome, state)
