@@ -181,7 +181,8 @@ class SlotWorker(Worker):
     def _start_held(self) -> None:
         """Start held jobs, in claim order, while the next one's slots fit in the free ones;
         none while news says they must go back first (a paused group, say)."""
-        while not self._hand_back_due and self.held and self._slots(self.held[0]) <= self.capacity - self.used_slots:
+        while (not self._hand_back_due and self.held
+               and self._slots(self.held[0]) <= self.capacity - self.used_slots):
             job = self.held.popleft()
             if self.log_jobs:
                 log.info("job %s: attempt %d started: %s", job["id"], job["attempts"], job["command"])
