@@ -51,16 +51,21 @@ def test_cut_keeps_head_and_tail_and_counts_what_went(tmp_path, monkeypatch, in_
     assert joblog.attempt_status(path, 1, "h:1:1") == (True, "exit 0")
 
 
-def test_a_run_is_cut_while_it_runs_and_at_its_end(tmp_path):
-    path = tmp_path / "run.log"
-    outcome = executor.run_job("seq 1 30000; sleep 1; seq 30001 60000", False, None, path, "r", 1,
-                               "h:1:1", None, {}, tick=0.2, max_log_bytes=CAP)
-    assert outcome.error is None
+def assert_cut_once(path, outcome) -> None:
+    """``seq 1 60000`` of job r under CAP: head and tail kept, one marker, the result line."""
     data = path.read_bytes()
     assert len(data) <= CAP + 2 * logcap.BLOCK
     assert b"\n1\n2\n3\n" in data and data.count(logcap.MARK_PREFIX) == 1
     assert b"\n60000\n--- queuectl job r attempt 1 finished: exit 0 ---\n" in data
     assert outcome.tail.endswith("60000\n")
+
+
+def test_a_run_is_cut_while_it_runs_and_at_its_end(tmp_path):
+    path = tmp_path / "run.log"
+    outcome = executor.run_job("seq 1 30000; sleep 1; seq 30001 60000", False, None, path, "r", 1,
+                               "h:1:1", None, {}, tick=0.2, max_log_bytes=CAP)
+    assert outcome.error is None
+    assert_cut_once(path, outcome)
 
 
 def test_under_the_cap_nothing_changes(tmp_path):
@@ -111,11 +116,7 @@ def test_a_multi_slot_run_is_cut_while_it_runs_and_at_its_end(tmp_path):
     outcome = run_to_end(run)
     assert outcome.error is None
     assert any(size > CAP for size in checks[:-1]), "cut while it ran, not only at the end"
-    data = path.read_bytes()
-    assert len(data) <= CAP + 2 * logcap.BLOCK
-    assert b"\n1\n2\n3\n" in data and data.count(logcap.MARK_PREFIX) == 1
-    assert b"\n60000\n--- queuectl job r attempt 1 finished: exit 0 ---\n" in data
-    assert outcome.tail.endswith("60000\n")
+    assert_cut_once(path, outcome)
 
 
 def test_a_multi_slot_run_without_a_cap_has_nothing_due(tmp_path):
