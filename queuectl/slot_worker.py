@@ -47,7 +47,6 @@ class SlotWorker(Worker):
         self.used_slots = 0     # the slots of self.runs
         self.prefetch = min(SLOT_PREFETCH * capacity, MAX_PREFETCH)  # held beyond the free slots
         self._short = False     # the last run that ended was short: claims take a prefetch
-        self._done_since: Optional[float] = None  # monotonic time the oldest of self.done ended
         self._pids_sent: Dict[str, bool] = {}
         self._want_claim = True
         self._idle = False      # the last claim found less work than there were free slots
@@ -129,7 +128,7 @@ class SlotWorker(Worker):
         if self.held:
             if self._blocked():
                 self._hand_back()
-            elif self.done and time.monotonic() - self._done_since >= RECORD_DELAY:
+            elif self._record_due():
                 self._settle(tries=1)
             if self.held:
                 return
@@ -165,16 +164,8 @@ class SlotWorker(Worker):
         self._short = False
         self._settle(release=True, tries=1)
 
-    def _settle(self, claim: int = 0, release: bool = False, tries: int = 30,
-                free: Optional[int] = None) -> None:
-        super()._settle(claim=claim, release=release, tries=tries, free=free)
-        if not self.done:
-            self._done_since = None
-
     def _add_done(self, job: Dict[str, Any], outcome: executor.Outcome) -> None:
-        if not self.done:
-            self._done_since = time.monotonic()
-        self.done.append((job, outcome))
+        super()._add_done(job, outcome)
         self._want_claim = True
 
     # -- runs -----------------------------------------------------------------------------

@@ -202,19 +202,28 @@ class Worker:
             # failed so it is retried as a NEW attempt, never re-run as this one.
             log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
             outcome = executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")
-        if not self.done:
-            self._done_since = time.monotonic()
-        self.done.append((job, outcome))
+        self._add_done(job, outcome)
         # Only a run that happened counts as short: a worker error (say, a full disk) is not
         # a reason to claim eight jobs at once.
         ran = outcome.finished_at is not None
         self.batch = self.batch_size if ran and outcome.duration < SHORT_JOB else 1
 
+    def _add_done(self, job: Dict[str, Any], outcome: executor.Outcome) -> None:
+        """A finished run whose result is recorded later (with the next claim, or once
+        _record_due)."""
+        if not self.done:
+            self._done_since = time.monotonic()
+        self.done.append((job, outcome))
+
+    def _record_due(self) -> bool:
+        """Whether the oldest unrecorded result has waited RECORD_DELAY."""
+        return bool(self.done) and time.monotonic() - self._done_since >= RECORD_DELAY
+
     def _next_job(self) -> Optional[Dict[str, Any]]:
         """The next claimed job, claiming (and recording finished runs) when none is held."""
         if self._claim_lapsing() or self._hand_back_due:
             self._settle(release=True)  # hand them all back
-        elif self.held and self.done and time.monotonic() - self._done_since >= RECORD_DELAY:
+        elif self.held and self._record_due():
             self._settle()  # results wait no longer than this, however many jobs are held
         if not self.held and (self.done or self.queue.has_ready()):
             self._settle(claim=self.batch)
