@@ -985,7 +985,10 @@ def show(job_id: str, as_json: bool) -> None:
     info = _queue().details(job_id)
     info["worker_alive"] = (_workers_alive([info])[info["id"]] if info["state"] == "processing"
                             else None)
-    log_file = _log_elsewhere(info) or str(_paths().job_log(info["id"]))
+    elsewhere, path = _log_elsewhere(info), _paths().job_log(info["id"])
+    log_file: Optional[str] = elsewhere or str(path)
+    if not elsewhere and _pruned_run(info, path) is not None:
+        log_file = None  # its one run printed nothing: no file is kept (queuectl/spool.py)
     if as_json:
         info["log_file"] = log_file
         _emit_json(_public(info))
@@ -1023,7 +1026,8 @@ def show(job_id: str, as_json: bool) -> None:
         lines.append(("unique key", info["unique_key"]))
     lines.append(("exit code", _exit_text(info["exit_code"])))
     lines.append(("last error", info["last_error"] or "-"))
-    lines.append(("log file", log_file))
+    lines.append(("log file", log_file or "none: the run printed nothing (`logs` shows its "
+                               "header and result)"))
     for name, value in lines:
         click.echo(f"{name + ':':<12} {value}")
     if info["runs"]:
@@ -1208,11 +1212,16 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
     if elsewhere:
         _remote_logs(queue, job, elsewhere, follow, attempt, tail_n)
         return
+    pruned = _pruned_run(job, path)
     if attempt is not None or not follow:
-        if attempt is None and tail_n is not None:
-            data = joblog.read_last_lines(path, tail_n)[0]
+        if pruned is not None:
+            if attempt not in (None, job["attempts"]):
+                raise InvalidInput(f"job {job['id']!r} has no logged attempt {attempt}")
+            data = pruned if tail_n is None else joblog.tail_lines(pruned, tail_n)
+        elif attempt is None and tail_n is not None:
+            data = joblog.read_last_lines(path, tail_n, job_id=job["id"])[0]
         else:
-            data = joblog.read_attempt(path, attempt)
+            data = joblog.read_attempt(path, attempt, job["id"])
             if attempt is not None and not data:
                 raise InvalidInput(f"job {job['id']!r} has no logged attempt {attempt}")
             if tail_n is not None:
@@ -1224,32 +1233,59 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
         out.write(data)
         out.flush()
         return
-    offset = joblog.read_last_lines(path, tail_n)[1] if tail_n is not None else 0
     if job["state"] not in TERMINAL:
         _print_notes(queue)
-    while True:
-        state = queue.get(job["id"])["state"]
-        try:
-            with open(path, "rb") as handle:
+    # The log is kept open once found: a silent run's link may be removed under us (the
+    # data stays readable), and OwnStream stops at another job's section in a spool.
+    stream, handle, offset = joblog.OwnStream(job["id"]), None, 0
+    try:
+        while True:
+            job = queue.get(job["id"])
+            if handle is None:
+                try:
+                    handle = open(path, "rb")
+                except FileNotFoundError:
+                    pass
+                else:
+                    offset = (joblog.last_lines_of(handle, tail_n, job_id=job["id"])[1]
+                              if tail_n is not None else joblog.own_start(handle, job["id"]))
+            chunk = b""
+            if handle is not None:
                 if handle.seek(0, os.SEEK_END) < offset:  # cut at max_log_bytes meanwhile
                     offset = handle.tell()
                     click.echo("queuectl: the log was cut at max_log_bytes; following on "
                                "from its end", err=True)
                 handle.seek(offset)
                 chunk = handle.read()
-        except FileNotFoundError:
-            chunk = b""
-        if chunk:
-            out.write(chunk)
-            out.flush()
-            offset += len(chunk)
-        elif state in TERMINAL:  # a failed attempt that will be retried is not the end
-            if state != "completed":
-                click.echo(f"job {job['id']} ended {state}", err=True)
-                sys.exit(1)
-            return
-        else:
-            time.sleep(0.1)
+                offset += len(chunk)
+            if chunk:
+                out.write(stream.feed(chunk))
+                out.flush()
+            elif job["state"] in TERMINAL:  # a failed attempt that will be retried is not the end
+                pruned = _pruned_run(job, path) if handle is None else None
+                out.write(stream.flush() if pruned is None else
+                          pruned if tail_n is None else joblog.tail_lines(pruned, tail_n))
+                out.flush()
+                if job["state"] != "completed":
+                    click.echo(f"job {job['id']} ended {job['state']}", err=True)
+                    sys.exit(1)
+                return
+            else:
+                time.sleep(0.1)
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _pruned_run(job: Dict[str, Any], path: Any) -> Optional[bytes]:
+    """The log of a job whose one run completed silently and had its log link removed
+    (queuectl/spool.py), rebuilt from the database; None for any other job."""
+    from queuectl import joblog
+
+    if job["state"] != "completed" or not job["attempts"] or path.exists():
+        return None
+    return joblog.pruned_section(job["id"], job["attempts"], job["worker_id"] or "?",
+                                 job["command"], job["started_at"])
 
 
 @cli.command()

@@ -117,11 +117,7 @@ def worker_rows(paths: Paths, queue: Queue) -> List[Dict[str, Any]]:
 
 def live_output(paths: Paths, job_id: str) -> str:
     """The running attempt's output so far (bounded tail of the log, from its last header)."""
-    text = joblog.read_tail(paths.job_log(job_id))
-    marker = text.rfind("=== queuectl job ")
-    if marker >= 0 and (marker == 0 or text[marker - 1] == "\n"):
-        text = text[marker:].split("\n", 1)[1] if "\n" in text[marker:] else ""
-    return text
+    return joblog.running_output(paths.job_log(job_id), job_id)
 
 
 def static_file(name: str) -> bytes:
@@ -355,7 +351,10 @@ class Handler(BaseHTTPRequestHandler):
                 job = public_job(info, with_output=False)
                 job["output"] = (live_output(paths, job_id) if info["state"] == "processing"
                                  else info["output_tail"] or "")
-                job["log_file"] = str(paths.job_log(job_id))
+                log_file = paths.job_log(job_id)
+                # A silent completed run keeps no file (queuectl/spool.py): null then.
+                job["log_file"] = (None if info["state"] == "completed" and not log_file.exists()
+                                   else str(log_file))
                 self._json(job)
             else:
                 raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")

@@ -1,11 +1,16 @@
-"""Per-job log files: one file per job, each attempt between a header and a result line."""
+"""Per-job log files: each attempt between a header and a result line.
+
+A log may also hold other jobs' sections: a run's log starts as a link to its worker slot's
+spool (queuectl/spool.py), so a kept log can begin with the silent sections of the runs
+before it, and a silent run's link can see the next runs' sections until it is removed.
+Every reader therefore keeps only its job's part (``own_span``)."""
 from __future__ import annotations
 
 import os
 import re
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import BinaryIO, List, Optional, Tuple
 
 # The default of config db_tail_bytes: logs stay on the host that ran the attempt, so the
 # database keeps enough of each attempt's output for `logs` on any other host.
@@ -16,11 +21,21 @@ STATUS_BYTES = 65536
 _HEADER = re.compile(rb"^=== queuectl job (\S+) attempt (\d+) started .*===$", re.M)
 # "---", not "===": whatever counts "=== queuectl job X attempt N" lines still counts headers.
 _RESULT = re.compile(rb"^--- queuectl job (\S+) attempt (\d+) finished: (.*) ---$", re.M)
+# Either: group 1 is a header's job, group 2 a result line's.
+_MARK = re.compile(rb"^(?:=== queuectl job (\S+) attempt \d+ started .*===|"
+                   rb"--- queuectl job (\S+) attempt \d+ finished: .* ---)$", re.M)
 OK_RESULT = "exit 0"
+# Reading the start of a log for its job's first header, this much at a time.
+SCAN_BLOCK = 1 << 20
+# A log this small is read whole to find its job's part; a larger one only has other jobs'
+# sections at its head (a spool is retired once a run printed anything).
+WHOLE_BYTES = 4 << 20
 
 
-def header(job_id: str, attempt: int, worker_id: str, command: str) -> bytes:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def header(job_id: str, attempt: int, worker_id: str, command: str,
+           at: Optional[float] = None) -> bytes:
+    """``at``: when the attempt started (default now)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at))
     return (f"=== queuectl job {job_id} attempt {attempt} started {stamp} on {worker_id} ===\n"
             f"$ {command}\n").encode("utf-8", "replace")
 
@@ -72,25 +87,65 @@ def tail_of(fd: int, start: int = 0, limit: int = TAIL_BYTES) -> str:
     return text
 
 
-def read_tail(path: Path, start: int = 0, limit: int = TAIL_BYTES) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return ""
-    try:
-        return tail_of(fd, start, limit)
-    except OSError:
-        return ""
-    finally:
-        os.close(fd)
+def pruned_section(job_id: str, attempt: int, worker_id: str, command: str,
+                   started_at: Optional[float]) -> bytes:
+    """What the log of a silent completed run said, whose link to a spool was removed (its
+    header and result line), rebuilt from the database."""
+    return header(job_id, attempt, worker_id, command, started_at) + result_line(job_id, attempt, None)
 
 
-def attempt_status(path: Path, attempt: int, worker_id: str) -> "Tuple[bool, Optional[str]]":
+def own_span(data: bytes, job_id: str) -> "Tuple[int, int]":
+    """The part of ``data`` (a log, or a window of one) that is ``job_id``'s: from its first
+    header to the first other job's header after one of its result lines. A window without
+    headers is all its job's; one with only other jobs' headers, none of it."""
+    jid = job_id.encode()
+    start, ended, foreign = -1, False, False
+    for match in _MARK.finditer(data):
+        head, done = match.group(1), match.group(2)
+        if (head or done) == jid:
+            if head is not None:
+                if start < 0:
+                    start = match.start()
+                ended = False
+            else:
+                ended = True
+        elif head is not None:
+            if ended:
+                return max(start, 0), match.start()
+            foreign = True
+    if start < 0:
+        return (len(data), len(data)) if foreign else (0, len(data))
+    return start, len(data)
+
+
+def own_start(handle: BinaryIO, job_id: str) -> int:
+    """Offset of ``job_id``'s first header in an open log, read from its start in blocks:
+    what precedes it (other jobs' silent sections) is short. A log without headers starts
+    at 0; one with only other jobs' headers at its end (its job's header comes next)."""
+    jid = job_id.encode()
+    handle.seek(0)
+    pos, carry, foreign = 0, b"", False
+    while True:
+        block = handle.read(SCAN_BLOCK)
+        data = carry + block
+        cut = data.rfind(b"\n") + 1 if block else len(data)
+        for match in _HEADER.finditer(data, 0, cut):
+            if match.group(1) == jid:
+                return pos + match.start()
+            foreign = True
+        if not block:
+            return pos + len(data) if foreign else 0
+        pos, carry = pos + cut, data[cut:]
+
+
+def attempt_status(path: Path, attempt: int, worker_id: str,
+                   job_id: Optional[str] = None) -> "Tuple[bool, Optional[str]]":
     """How ``attempt`` of the claim by ``worker_id`` went, as far as its log tells:
     (started, result). ``result`` is its result line's text ("exit 0" or an error), None
     while it has none (never started, still running, or its worker died mid-run).
 
-    The worker is part of the match because attempt numbers start again after a DLQ retry.
+    The worker is part of the match because attempt numbers start again after a DLQ retry,
+    the job (if given) because the log may be a spool holding other jobs' runs.
     A header missing from a log too large to read whole counts as started: when unsure,
     recovery must assume the command ran.
     """
@@ -104,15 +159,17 @@ def attempt_status(path: Path, attempt: int, worker_id: str) -> "Tuple[bool, Opt
     except OSError:
         return True, None
     wanted, ours = str(attempt).encode(), b" on " + worker_id.encode() + b" ==="
+    jid = None if job_id is None else job_id.encode()
     begin = -1
     for match in _HEADER.finditer(data):
-        if match.group(2) == wanted and match.group(0).endswith(ours):
+        if (match.group(2) == wanted and match.group(0).endswith(ours)
+                and jid in (None, match.group(1))):
             begin = match.start()
     if begin < 0 and size <= STATUS_BYTES:
         return False, None
     started, result = True, None
     for match in _RESULT.finditer(data, max(begin, 0)):
-        if match.group(2) == wanted:
+        if match.group(2) == wanted and jid in (None, match.group(1)):
             result = match.group(3).decode("utf-8", "replace")
     return started, result
 
@@ -121,20 +178,31 @@ def _marks(data: bytes) -> "List[Tuple[int, int]]":
     return [(int(m.group(2)), m.start()) for m in _HEADER.finditer(data)]
 
 
-def attempts(path: Path) -> "List[Tuple[int, int]]":
-    """(attempt number, byte offset of its header) for each attempt in the file."""
+def attempts(path: Path, job_id: Optional[str] = None) -> "List[Tuple[int, int]]":
+    """(attempt number, byte offset of its header) for each attempt in the file (in
+    ``job_id``'s part of it: its headers only)."""
     try:
-        return _marks(path.read_bytes())
+        data = path.read_bytes()
     except OSError:
         return []
+    if job_id is None:
+        return _marks(data)
+    start, end = own_span(data, job_id)
+    jid = job_id.encode()
+    return [(int(m.group(2)), m.start()) for m in _HEADER.finditer(data, start, end)
+            if m.group(1) == jid]
 
 
-def read_attempt(path: Path, attempt: Optional[int] = None) -> bytes:
-    """The whole log, or the section of one attempt (the last one with that number)."""
+def read_attempt(path: Path, attempt: Optional[int] = None, job_id: Optional[str] = None) -> bytes:
+    """The whole log, or the section of one attempt (the last one with that number); with
+    ``job_id``, of that job's part only."""
     try:
         data = path.read_bytes()
     except OSError:
         return b""
+    if job_id is not None:
+        start, end = own_span(data, job_id)
+        data = data[start:end]
     if attempt is None:
         return data
     marks = _marks(data)
@@ -157,23 +225,119 @@ def tail_lines(data: bytes, count: int) -> bytes:
     return data[pos + 1:]
 
 
-def read_last_lines(path: Path, count: int, block: int = 65536) -> "Tuple[bytes, int]":
-    """The last ``count`` lines of a log and the offset where they start, read from the end:
-    a log can be hundreds of MB and ``logs --tail`` should not read it all."""
+def read_last_lines(path: Path, count: int, block: int = 65536,
+                    job_id: Optional[str] = None) -> "Tuple[bytes, int]":
+    """The last ``count`` lines of a log (of ``job_id``'s part of it) and the offset where
+    they start, read from the end: a log can be hundreds of MB and ``logs --tail`` should
+    not read it all."""
     try:
         handle = open(path, "rb")
     except OSError:
         return b"", 0
     with handle:
-        end = handle.seek(0, os.SEEK_END)
-        pos, data = end, b""
-        while pos > 0:
-            body = data[:-1] if data.endswith(b"\n") else data
-            if data and body.count(b"\n") >= count:
-                break
-            step = min(block, pos)
-            pos -= step
-            handle.seek(pos)
-            data = handle.read(step) + data
-        text = tail_lines(data, count)
+        return last_lines_of(handle, count, block, job_id)
+
+
+def last_lines_of(handle: BinaryIO, count: int, block: int = 65536,
+                  job_id: Optional[str] = None) -> "Tuple[bytes, int]":
+    """read_last_lines of an open log."""
+    end = handle.seek(0, os.SEEK_END)
+    if job_id is None:
+        return _last_lines(handle, end, count, block)
+    if end <= WHOLE_BYTES:
+        handle.seek(0)
+        data = handle.read()
+        start, end = own_span(data, job_id)
+        text = tail_lines(data[start:end], count)
         return text, end - len(text)
+    first = own_start(handle, job_id)
+    text, offset = _last_lines(handle, end, count, block)
+    if offset < first:
+        text, offset = text[first - offset:], first
+    return text, offset
+
+
+def _last_lines(handle: BinaryIO, end: int, count: int, block: int) -> "Tuple[bytes, int]":
+    pos, data = end, b""
+    while pos > 0:
+        body = data[:-1] if data.endswith(b"\n") else data
+        if data and body.count(b"\n") >= count:
+            break
+        step = min(block, pos)
+        pos -= step
+        handle.seek(pos)
+        data = handle.read(step) + data
+    text = tail_lines(data, count)
+    return text, end - len(text)
+
+
+class OwnStream:
+    """What ``logs --follow`` prints of a growing log: its job's part only. Output is passed
+    on as it comes, partial lines too; once the job's result line has been seen, the next
+    lines are held until complete and another job's header ends the stream (a silent run's
+    link to a spool sees the next runs' sections until it is removed)."""
+
+    LINE_MAX = 4096  # header and result lines are shorter: a longer line is neither
+
+    def __init__(self, job_id: str) -> None:
+        self.jid = job_id.encode()
+        self.line = b""      # the current line so far (its first LINE_MAX bytes)
+        self.ended = False   # the last of the job's marks was a result line
+        self.closed = False  # another job's section began after that
+
+    def feed(self, chunk: bytes) -> bytes:
+        out: List[bytes] = []
+        pos = 0
+        while pos < len(chunk) and not self.closed:
+            newline = chunk.find(b"\n", pos)
+            piece = chunk[pos:] if newline < 0 else chunk[pos:newline + 1]
+            pos += len(piece)
+            line = (self.line + piece)[:self.LINE_MAX + 1]
+            if newline < 0:
+                if not self.ended:
+                    out.append(piece)
+                self.line = line if not self.ended else self.line + piece
+                continue
+            self.line = b""
+            held = self.ended
+            match = _MARK.match(line.rstrip(b"\n")) if len(line) <= self.LINE_MAX + 1 else None
+            if match is not None:
+                head, done = match.group(1), match.group(2)
+                if head is not None and head != self.jid and self.ended:
+                    self.closed = True
+                    break
+                if (head or done) == self.jid:
+                    self.ended = done is not None
+            out.append(line if held else piece)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """At the end: a partial line held after the result line (a stray writer's)."""
+        rest, self.line = (self.line if self.ended and not self.closed else b""), b""
+        return b"" if b"=== queuectl job ".startswith(rest) else rest
+
+
+def running_output(path: Path, job_id: str, limit: int = TAIL_BYTES) -> str:
+    """A running attempt's output so far: the bounded tail of its log from the line after
+    the job's last header (for the dashboard)."""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            begin = max(0, size - limit)
+            handle.seek(begin)
+            data = handle.read()
+    except OSError:
+        return ""
+    start, end = own_span(data, job_id)
+    data = data[start:end]
+    jid = job_id.encode()
+    last = None
+    for match in _HEADER.finditer(data):
+        if match.group(1) == jid:
+            last = match
+    if last is not None:
+        return data[last.end() + 1:].decode("utf-8", "replace")  # from its "$ command" line
+    text = data.decode("utf-8", "replace")
+    if begin > 0:  # the output began before the window: say so, from a whole line
+        text = "…" + text.split("\n", 1)[-1] if "\n" in text else "…" + text
+    return text

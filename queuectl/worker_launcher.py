@@ -261,7 +261,7 @@ def recover_dead_workers_jobs(queue: Any, paths: Paths, own_worker_id: Optional[
         executor.kill_job_run(str(paths.home), job_id, attempt)
 
     def run_result(job_id: str, attempt: int, worker_id: str) -> "tuple[bool, bool, Optional[str]]":
-        started, result = joblog.attempt_status(paths.job_log(job_id), attempt, worker_id)
+        started, result = joblog.attempt_status(paths.job_log(job_id), attempt, worker_id, job_id)
         return started, result is not None, None if result == joblog.OK_RESULT else result
 
     def interrupted(job_id: str, attempt: int) -> None:

@@ -272,7 +272,7 @@
     if (job.unique_key) fields.push(["unique key", job.unique_key]);
     fields.push(["exit code", job.exit_code === null ? "–" : job.exit_code]);
     fields.push(["last error", job.last_error || "–"]);
-    fields.push(["log file", el("code", null, job.log_file)]);
+    fields.push(["log file", job.log_file === null ? "none: the run printed nothing" : el("code", null, job.log_file)]);
     const dl = $("detail-fields");
     dl.replaceChildren(...fields.flatMap(([k, v]) => [el("dt", null, k), el("dd", null, ...(Array.isArray(v) ? v : [v]))]));
 
