@@ -50,6 +50,8 @@ class Outcome:
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
     log_location: Optional[str] = None  # "host:path" of the full log (the worker sets it)
+    silent: bool = False  # the run wrote nothing to its log (its header and result line aside)
+    prune: Optional[str] = None  # a link to a spool the worker removes once this is recorded
 
     @property
     def ok(self) -> bool:
@@ -139,12 +141,13 @@ def run_job(command: str, argv: bool, cwd: Optional[str], log_path: "str | Path"
             if cap is not None:
                 cap.check()
             tail = joblog.tail_of(fd, offset, tail_bytes)
+            silent = not tail  # tail_of gives "" exactly when nothing was written
             if abort is not None:
                 reason, cancelled = abort
                 os.write(fd, f"\nqueuectl: {reason}\n".encode())
                 outcome = Outcome(code, reason, tail, cancelled=cancelled)
             else:
-                outcome = Outcome(code, describe_exit(code, argv), tail)
+                outcome = Outcome(code, describe_exit(code, argv), tail, silent=silent)
         outcome.duration = time.monotonic() - started
         outcome.started_at, outcome.finished_at = started_at, started_at + outcome.duration
         try:
@@ -258,12 +261,13 @@ class Run:
                 if self.cap is not None:
                     self.cap.check()
                 tail = joblog.tail_of(self.fd, self.offset, self.tail_bytes)
+                silent = not tail  # tail_of gives "" exactly when nothing was written
                 if self.abort_reason is not None:
                     reason, cancelled = self.abort_reason
                     os.write(self.fd, f"\nqueuectl: {reason}\n".encode())
                     outcome = Outcome(code, reason, tail, cancelled=cancelled)
                 else:
-                    outcome = Outcome(code, describe_exit(code, self.argv), tail)
+                    outcome = Outcome(code, describe_exit(code, self.argv), tail, silent=silent)
             outcome.duration = time.monotonic() - self.started
             outcome.started_at = self.started_at
             outcome.finished_at = self.started_at + outcome.duration

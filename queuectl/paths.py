@@ -49,6 +49,7 @@ class Paths:
         self.logs_dir = self.home / "logs"
         self.job_logs_dir = self.logs_dir / "jobs"
         self._job_logs_prefix = f"{self.job_logs_dir}{os.sep}"
+        self.spool_dir = self.logs_dir / "spool"  # queuectl/spool.py: beside jobs/, same filesystem
 
     def job_log(self, job_id: str) -> Path:
         return Path(self.job_log_name(job_id))

@@ -25,7 +25,7 @@ import select
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from queuectl import chores, executor
+from queuectl import chores, executor, spool
 from queuectl.errors import QueueError
 from queuectl.worker import (FENCE_MARGIN, HEARTBEAT_EVERY, HOLD_LIMIT, RECORD_DELAY, RECOVER_EVERY,
                              SHORT_JOB, Worker)
@@ -48,6 +48,7 @@ class SlotWorker(Worker):
         self.prefetch = min(SLOT_PREFETCH * capacity, MAX_PREFETCH)  # held beyond the free slots
         self._short = False     # the last run that ended was short: claims take a prefetch
         self._pids_sent: Dict[str, bool] = {}
+        self._linked: Dict[str, Optional[spool.Spool]] = {}  # job id -> its log's spool
         self._want_claim = True
         self._idle = False      # the last claim found less work than there were free slots
         self._forced = False
@@ -179,6 +180,7 @@ class SlotWorker(Worker):
                 log.info("job %s: attempt %d started: %s", job["id"], job["attempts"], job["command"])
             log_path = self.paths.job_log_name(job["id"])
             settings = self.queue.settings()
+            linked = self._link_log(log_path)
             try:
                 run = executor.Run(job["command"], bool(job["argv"]), job["cwd"], log_path, job["id"],
                                    job["attempts"], self.worker_id, self.queue.job_timeout(job),
@@ -187,10 +189,12 @@ class SlotWorker(Worker):
                                    tail_bytes=settings["db_tail_bytes"],
                                    max_log_bytes=settings["max_log_bytes"])
             except Exception as exc:  # noqa: BLE001 - e.g. the log cannot be written (disk full)
+                self._unlink_log(linked, None, log_path)
                 log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
                 self._add_done(job, executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}"))
                 continue
             self.runs[job["id"]] = (job, run)
+            self._linked[job["id"]] = linked
             self.used_slots += self._slots(job)
             self._pids_sent[job["id"]] = False
             self._next_tick = min(self._next_tick, run.next_due())
@@ -226,12 +230,17 @@ class SlotWorker(Worker):
         if run.fileno() >= 0:
             self._poller.unregister(run.fileno())
             del self._by_fd[run.fileno()]
+        log_path = self.paths.job_log_name(job_id)
+        linked = self._linked.pop(job_id, None)
         try:
             outcome = run.finish()
         except Exception as exc:  # noqa: BLE001
             log.exception("job %s: attempt %d could not be finished", job["id"], job["attempts"])
             outcome = executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")
-        outcome.log_location = f"{self.host}:{self.paths.job_log_name(job_id)}"
+            self._unlink_log(linked, None, log_path)
+        else:
+            self._unlink_log(linked, outcome, log_path)
+        outcome.log_location = f"{self.host}:{log_path}"
         # As Worker._run: only a run that happened counts as short (a worker error, say a
         # full disk, is no reason to claim a prefetch).
         self._short = outcome.finished_at is not None and outcome.duration < SHORT_JOB

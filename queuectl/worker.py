@@ -17,7 +17,7 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from queuectl import config as cfg
-from queuectl import alerts, chores, executor, logfiles, worker_launcher
+from queuectl import alerts, chores, executor, logfiles, spool, worker_launcher
 from queuectl.errors import QueueError
 from queuectl.models import WORKER_VARS, Queue
 from queuectl.paths import Paths, private_dir
@@ -89,6 +89,8 @@ class Worker:
         # News (a pause, a lowered group limit) came while jobs were held: none of them may
         # start until they are handed back (a failed hand-back is tried again first).
         self._hand_back_due = False
+        # Where runs' logs start (queuectl/spool.py); set in run(), None: a file per run.
+        self.spools: Optional[spool.Spools] = None
 
     # -- signals --------------------------------------------------------------------------
     def _on_stop(self, signum: int, _frame: Any) -> None:
@@ -146,6 +148,8 @@ class Worker:
         self.queue = Queue(store, overrides=self.overrides)
         self.queue.serve_groups = self.groups
         self.chores = chores.for_worker(self.queue, paths)
+        spool.sweep(paths.spool_dir, worker_launcher.worker_alive)
+        self.spools = spool.Spools(paths.spool_dir, self.worker_id)
         log.info("worker %s started (pid %d, db %s%s%s)", self.worker_id, self.pid, store.location,
                  f", {self.capacity} slots" if self.capacity > 1 else "",
                  f", groups {','.join(self.groups)}" if self.groups is not None else "")
@@ -157,6 +161,7 @@ class Worker:
             except QueueError:
                 pass  # its row goes stale and is shown as gone, then forgotten
             self.listener.close()
+            self.spools.close()
             worker_launcher.remove_pid_file(paths, self.pid)
             store.close()
             log.info("worker %d stopped", self.pid)
@@ -265,6 +270,8 @@ class Worker:
             if tries > 1:  # one try (mid-run) is simply repeated later
                 log.error("giving up on %d job(s); recovery will settle them from their logs",
                           len(done) + len(back))
+                if any(outcome.prune is not None for _, outcome in done):
+                    self.spools.retire_all()  # those logs stay: no later run may write after them
                 self.done = []
                 self._done_since = None
                 if release:
@@ -278,6 +285,11 @@ class Worker:
             self._hand_back_due = False
         self.held.extend(claimed)
         for (job, outcome), state in zip(done, states):
+            if outcome.prune is not None:
+                if state == "completed":
+                    spool.prune(outcome.prune)
+                else:  # its result did not count (lost): a rerun may append to the link
+                    self.spools.retire_all()
             self._log_outcome(job, outcome, state)
         for job, state in zip(back, states[len(done):]):
             if state != "lost":
@@ -451,16 +463,45 @@ class Worker:
         settings = queue.settings()
         env = {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"])}
         log_path = self.paths.job_log_name(job["id"])
-        outcome = executor.run_job(job["command"], bool(job["argv"]), job["cwd"], log_path,
-                                   job["id"], job["attempts"], self.worker_id, queue.job_timeout(job),
-                                   env, wake_fds=(self.listener.fileno(), self._sig_r),
-                                   on_event=on_event, tick=HEARTBEAT_EVERY, on_start=on_start,
-                                   first_tick=HOLD_LIMIT if self.held or self.done else None,
-                                   tail_bytes=settings["db_tail_bytes"],
-                                   max_log_bytes=settings["max_log_bytes"],
-                                   base_env=base_env)
+        linked = self._link_log(log_path)
+        try:
+            outcome = executor.run_job(job["command"], bool(job["argv"]), job["cwd"], log_path,
+                                       job["id"], job["attempts"], self.worker_id, queue.job_timeout(job),
+                                       env, wake_fds=(self.listener.fileno(), self._sig_r),
+                                       on_event=on_event, tick=HEARTBEAT_EVERY, on_start=on_start,
+                                       first_tick=HOLD_LIMIT if self.held or self.done else None,
+                                       tail_bytes=settings["db_tail_bytes"],
+                                       max_log_bytes=settings["max_log_bytes"],
+                                       base_env=base_env)
+        except BaseException:
+            self._unlink_log(linked, None, log_path)
+            raise
+        self._unlink_log(linked, outcome, log_path)
         outcome.log_location = f"{self.host}:{log_path}"  # logs stay here; others are told where
         return outcome
+
+    def _link_log(self, log_path: str) -> Optional[spool.Spool]:
+        """The spool a run's new log is linked to (None: the log is a file of its own)."""
+        if self.spools is None:
+            return None
+        linked = self.spools.take()
+        if linked.attach(log_path):
+            return linked
+        self.spools.give(linked)
+        return None
+
+    def _unlink_log(self, linked: Optional[spool.Spool], outcome: Optional[executor.Outcome],
+                    log_path: str) -> None:
+        """After a run whose log is linked to a spool (its log closed; ``outcome`` None: it
+        raised): a silent completed run's link goes once its result is recorded (``prune``),
+        any other keeps it as its log."""
+        if linked is None:
+            return
+        if outcome is None:
+            linked.retire()
+        elif not linked.keeps(outcome.silent and outcome.ok):
+            outcome.prune = log_path
+        self.spools.give(linked)
 
     def _news(self) -> bool:
         """After a wake-up mid-run: is the queue paused, is a held job's group paused or over

@@ -136,7 +136,7 @@ def test_short_jobs_are_recorded_several_per_transaction(queue, workers):
     assert len(transactions) <= 60 // 3, f"{len(transactions)} transactions recorded 60 results"
     assert all(r["started_at"] <= r["finished_at"] <= r["updated_at"] for r in rows)
     log = Path(queue.get(ids[-1])["log_location"].split(":", 1)[1])
-    assert [n for n, _ in joblog.attempts(log)] == [1]
+    assert not log.exists()  # silent completed runs keep no log file (queuectl/spool.py)
 
 
 def test_jobs_held_behind_two_long_runs_go_to_another_worker(cli, queue, workers):
@@ -183,21 +183,23 @@ def test_prefetch_keeps_group_limits_and_slot_fit(cli, queue, workers, tmp_path)
 
 
 @pytest.mark.parametrize("force", [False, True])
-def test_a_stop_amid_short_jobs_hands_back_held_ones_unrun(queue, workers, force):
-    ids = add(queue, 400)
+def test_a_stop_amid_short_jobs_hands_back_held_ones_unrun(queue, workers, force, tmp_path):
+    runs = tmp_path / "runs"
+    ids = add_silent_recorded(queue, runs, 400)
     pid = workers.start(1, "--concurrency", "2")[0]
     wait_until(lambda: counts(cli_home(queue))["completed"] >= 20, timeout=30,
                message="some done")
     result = workers.stop(*(["--force"] if force else []), "--wait", "30")
     assert result.returncode == 0, result.stdout + result.stderr
     wait_until(lambda: not pid_alive(pid), message="worker gone")
-    check_each_ran_once(queue, ids, allow_failed=force)
+    check_each_ran_once(queue, ids, runs, allow_failed=force)
     assert any(state(queue, i)[0] == "pending" for i in ids), "the stop came before the end"
 
 
-def test_a_sigkilled_worker_holding_jobs_has_each_recovered_once(cli, queue, workers):
+def test_a_sigkilled_worker_holding_jobs_has_each_recovered_once(cli, queue, workers, tmp_path):
     cli("config", "set", "backoff_base", "0")  # a run cut short is retried at once
-    ids = add(queue, 400)
+    runs = tmp_path / "runs"
+    ids = add_silent_recorded(queue, runs, 400)
     first = workers.start(1, "--concurrency", "2")[0]
     wait_until(lambda: counts(cli_home(queue))["completed"] >= 20, timeout=30,
                message="some done")
@@ -206,19 +208,35 @@ def test_a_sigkilled_worker_holding_jobs_has_each_recovered_once(cli, queue, wor
     workers.start(1, "--concurrency", "2")
     wait_until(lambda: counts(cli_home(queue))["completed"] == 400, timeout=60,
                message="all recovered and completed")
-    check_each_ran_once(queue, ids)
+    check_each_ran_once(queue, ids, runs)
 
 
-def check_each_ran_once(queue: Queue, ids: List[str], allow_failed: bool = False) -> None:
-    """No job left claimed; each attempt counted ran once (one header per attempt in its log),
-    a job back in the queue never started."""
+def add_silent_recorded(queue: Queue, runs: Path, n: int) -> List[str]:
+    """n jobs that print nothing (their logs are spool links, pruned once recorded) and
+    append "job attempt" to ``runs``: the evidence of what ran."""
+    return add(queue, n, command=f'echo "$QUEUECTL_JOB_ID $QUEUECTL_ATTEMPT" >> {runs}')
+
+
+def check_each_ran_once(queue: Queue, ids: List[str], runs: Path, allow_failed: bool = False) -> None:
+    """No job left claimed; no attempt ran twice (``runs``: what add_silent_recorded's jobs
+    wrote), a completed job's last attempt ran, a job back in the queue never started; a log
+    left behind holds only its job's attempts, each once."""
     allowed = {"completed", "pending"} | ({"failed"} if allow_failed else set())
     rows: Dict[str, Dict[str, Any]] = {i: queue.get(i) for i in ids}
     assert {r["state"] for r in rows.values()} <= allowed, {r["state"] for r in rows.values()}
+    ran: Dict[str, List[int]] = {}
+    for line in runs.read_text().splitlines():
+        job_id, attempt = line.split()
+        ran.setdefault(job_id, []).append(int(attempt))
     logs = cli_home(queue) / "logs" / "jobs"
     for job_id, row in rows.items():
-        attempts = [n for n, _ in joblog.attempts(logs / f"{job_id}.log")]
-        if row["state"] == "pending":
-            assert (row["attempts"], attempts) == (0, []), (job_id, row["attempts"], attempts)
-        else:
-            assert attempts == list(range(1, row["attempts"] + 1)), (job_id, row["attempts"], attempts)
+        done = ran.get(job_id, [])
+        assert len(done) == len(set(done)), (job_id, done)
+        assert set(done) <= set(range(1, row["attempts"] + 1)), (job_id, row["attempts"], done)
+        if row["state"] == "completed":
+            assert row["attempts"] in done, (job_id, row["attempts"], done)
+        elif row["state"] == "pending":
+            assert (row["attempts"], done) == (0, []), (job_id, row["attempts"], done)
+        headers = [n for n, _ in joblog.attempts(logs / f"{job_id}.log", job_id)]
+        assert len(headers) == len(set(headers)), (job_id, headers)
+        assert set(headers) <= set(range(1, row["attempts"] + 1)), (job_id, row["attempts"], headers)
