@@ -5,6 +5,8 @@ chore with real log files, concurrent purgers, and one end-to-end run with a rea
 """
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from helpers import in_threads, make_dead, run_queuectl, wait_until
@@ -185,6 +187,28 @@ def test_the_chore_removes_log_files_and_comes_back_soon_after_a_full_batch(path
     assert q.states([f"j{n}" for n in range(4)]) == {}
     tidy.run(clock())  # folds counters of workers that are not registered, keeps sums
     assert q.store.counter_totals()[("runs_total", '{"outcome":"completed"}')] == 4
+
+
+def test_a_backlog_is_deleted_at_most_duty_of_the_workers_time(paths, clocked, mocker):
+    q, clock = clocked
+    q.config_set("keep_completed", "1h")
+    mocker.patch.object(retention, "BATCH", 2)
+    for n in range(5):
+        add(q, f"j{n}")
+        run_next(q, f"j{n}")
+    clock.now += 2 * HOUR
+    purge, _ = retention.chores_for(q, paths)
+    ticks = iter([100.0, 100.06, 100.06])  # a batch that took 60 ms
+    mocker.patch.object(retention, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))
+    purge.run(clock())
+    assert purge.next_at == pytest.approx(100.06 + 0.06 / retention.DUTY)  # 2 s: 3 % of the time
+    ticks = iter([200.0, 200.001, 200.001])  # a quick one: SOON, not sooner
+    purge.run(clock())
+    assert purge.next_at == pytest.approx(200.001 + retention.SOON)
+    next_at = purge.next_at
+    ticks = iter([300.0, 300.001, 300.001])
+    purge.run(clock())  # the last one, not full: the chore's own interval (EVERY) applies
+    assert purge.next_at == next_at and q.counts().get("completed", 0) == 0
 
 
 @pytest.mark.sqlite_only  # the model tests above cover both backends; this is the real loop
