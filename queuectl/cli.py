@@ -1261,7 +1261,11 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
             if chunk:
                 out.write(stream.feed(chunk))
                 out.flush()
-            elif job["state"] in TERMINAL:  # a failed attempt that will be retried is not the end
+            # Once another job's section follows this job's (a spool that other runs still
+            # append to), nothing more of this job comes: only its state is waited for.
+            if chunk and not stream.closed:
+                continue
+            if job["state"] in TERMINAL:  # a failed attempt that will be retried is not the end
                 pruned = _pruned_run(job, path) if handle is None else None
                 out.write(stream.flush() if pruned is None else
                           pruned if tail_n is None else joblog.tail_lines(pruned, tail_n))

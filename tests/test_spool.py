@@ -6,12 +6,14 @@ import io
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 import pytest
 
 from helpers import job_state, show_json, spawn_queuectl, wait_until
 from queuectl import joblog, spool, worker_launcher
-from queuectl.executor import pid_alive
+from queuectl.executor import Outcome, pid_alive
+from queuectl.jobspec import parse_job
 
 W = "host:1:1"
 
@@ -257,3 +259,31 @@ def test_a_killed_workers_runs_are_recovered_from_their_spool_links(cli, home, w
     assert all(job_state(home, f"s{i}") == "completed" for i in range(3))
     assert not any(name.startswith(f"{worker_launcher.host_name()}:{pid}:") for name in os.listdir(spools)), \
         "the dead worker's spool names were swept"
+
+
+def test_follow_ends_while_other_runs_still_append_to_the_spool(cli, queue, paths, monkeypatch):
+    """A silent run's link is the spool until it is removed: `logs --follow` opened on it
+    must end at its job's end, however busy the spool stays (here: another run's section
+    arrives before every read)."""
+    from queuectl import cli as cli_module
+
+    queue.enqueue([parse_job({"id": "a", "command": "true"}, now=time.time(), default_cwd="/")])
+    queue.finish(queue.claim(W), Outcome(0, None), W)
+    log = paths.job_log("a")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(section("a"))
+
+    class BusySpool(io.BytesIO):
+        reads = 0
+
+        def read(self, *args):
+            BusySpool.reads += 1
+            assert BusySpool.reads < 100, "--follow kept reading a spool other runs append to"
+            where = self.tell()
+            self.seek(0, io.SEEK_END)
+            self.write(section(f"b{BusySpool.reads}"))
+            self.seek(where)
+            return super().read(*args)
+
+    monkeypatch.setattr(cli_module, "open", lambda *_args: BusySpool(log.read_bytes()), raising=False)
+    assert cli("logs", "--follow", "a").stdout == section("a").decode()
