@@ -180,7 +180,7 @@ class SlotWorker(Worker):
                 log.info("job %s: attempt %d started: %s", job["id"], job["attempts"], job["command"])
             log_path = self.paths.job_log_name(job["id"])
             settings = self.queue.settings()
-            linked = self._link_log(log_path)
+            linked = self._link_log(log_path, job["id"])
             try:
                 run = executor.Run(job["command"], bool(job["argv"]), job["cwd"], log_path, job["id"],
                                    job["attempts"], self.worker_id, self.queue.job_timeout(job),

@@ -9,7 +9,8 @@ so a job's log starts as a hard link to its slot's spool (a directory entry, no 
   once its result is recorded; `logs` prints its header and result line from the database;
 - any other run (output, a failure, a stray writer, a result not recorded) keeps its link as
   its log file, and the slot starts a new spool: nothing is ever appended after that run's
-  section by another job. A job that has a log already (an earlier attempt) appends to it;
+  section by another job. A job that has a log already (an earlier attempt) appends to it,
+  first made a file of its own if it is still linked to a spool (a result that was lost);
 - a spool is also started afresh every ROTATE_JOBS runs, so a kept log begins with at most
   that many other jobs' (silent) sections; readers keep only their job's part
   (joblog.own_span).
@@ -23,6 +24,7 @@ import fcntl
 import os
 from typing import Callable, List
 
+from queuectl import joblog
 from queuectl.paths import FILE_MODE, private_dir
 
 ROTATE_JOBS = 256  # runs per spool: bounds the other jobs' sections at the head of a kept log
@@ -39,7 +41,7 @@ class Spool:
         self.runs = 0
         self.usable = True  # False once links or leases turn out unsupported: a file per job
 
-    def attach(self, log_path: str) -> bool:
+    def attach(self, log_path: str, job_id: str) -> bool:
         """Make ``log_path`` a link to the spool; False when it cannot be one (the job has a
         log already, from an earlier attempt): the run then opens ``log_path`` as before."""
         if not self.usable:
@@ -50,6 +52,7 @@ class Spool:
             try:
                 os.link(self.path, log_path)
             except FileExistsError:
+                _make_private(log_path, job_id)
                 return False
             except FileNotFoundError:
                 if not self._create():
@@ -140,6 +143,27 @@ class Spools:
 
     def close(self) -> None:
         self.retire_all()
+
+
+def _make_private(log_path: str, job_id: str) -> None:
+    """An earlier attempt's log still linked to a spool (its result was not recorded, and
+    that worker went on appending other runs): replaced by a file of the job's part only,
+    so this attempt's section follows it, not other jobs' sections."""
+    try:
+        if os.stat(log_path).st_nlink <= 1:
+            return  # the usual case: a log of its own
+        with open(log_path, "rb") as handle:
+            data = handle.read()
+        start, end = joblog.own_span(data, job_id)
+        temporary = f"{log_path}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            os.write(fd, data[start:end])
+        finally:
+            os.close(fd)
+        os.replace(temporary, log_path)
+    except OSError:
+        pass  # then this attempt appends to the shared log: readers still find its part
 
 
 def prune(log_path: str) -> None:

@@ -463,7 +463,7 @@ class Worker:
         settings = queue.settings()
         env = {"QUEUECTL_JOB_ID": job["id"], "QUEUECTL_ATTEMPT": str(job["attempts"])}
         log_path = self.paths.job_log_name(job["id"])
-        linked = self._link_log(log_path)
+        linked = self._link_log(log_path, job["id"])
         try:
             outcome = executor.run_job(job["command"], bool(job["argv"]), job["cwd"], log_path,
                                        job["id"], job["attempts"], self.worker_id, queue.job_timeout(job),
@@ -480,12 +480,12 @@ class Worker:
         outcome.log_location = f"{self.host}:{log_path}"  # logs stay here; others are told where
         return outcome
 
-    def _link_log(self, log_path: str) -> Optional[spool.Spool]:
+    def _link_log(self, log_path: str, job_id: str) -> Optional[spool.Spool]:
         """The spool a run's new log is linked to (None: the log is a file of its own)."""
         if self.spools is None:
             return None
         linked = self.spools.take()
-        if linked.attach(log_path):
+        if linked.attach(log_path, job_id):
             return linked
         self.spools.give(linked)
         return None

@@ -29,19 +29,19 @@ def test_runs_share_a_spool_until_one_must_keep_its_log(tmp_path):
     logs.mkdir()
     spools = spool.Spools(tmp_path / "spool", W)
     one = spools.take()
-    assert one.attach(str(logs / "a.log")) and one.attach(str(logs / "b.log"))
+    assert one.attach(str(logs / "a.log"), "j") and one.attach(str(logs / "b.log"), "j")
     assert os.path.samefile(logs / "a.log", logs / "b.log")  # one inode, two names
     assert not one.keeps(silent=True)  # nobody writes to it: a's link may go
     assert one.keeps(silent=False)  # b printed: kept, and the spool retired
     assert not os.path.exists(one.path)
-    assert one.attach(str(logs / "c.log"))
+    assert one.attach(str(logs / "c.log"), "j")
     assert not os.path.samefile(logs / "b.log", logs / "c.log")  # nothing is written after b
 
 
 def test_a_process_still_writing_keeps_the_log(tmp_path):
     sp = spool.Spool(str(tmp_path / "s"))
     log = tmp_path / "a.log"
-    assert sp.attach(str(log))
+    assert sp.attach(str(log), "j")
     writer = os.open(log, os.O_WRONLY | os.O_APPEND)  # a daemon the job left behind, say
     try:
         assert sp.keeps(silent=True)
@@ -54,23 +54,36 @@ def test_a_job_with_a_log_already_appends_to_it(tmp_path):
     sp = spool.Spool(str(tmp_path / "s"))
     log = tmp_path / "a.log"
     log.write_bytes(b"attempt 1\n")
-    assert not sp.attach(str(log))
+    assert not sp.attach(str(log), "j")
     assert log.read_bytes() == b"attempt 1\n" and sp.runs == 0
+
+
+def test_an_earlier_attempts_log_still_shared_with_a_spool_is_made_private_first(tmp_path):
+    """Its result was not recorded (a lapsed claim) and its worker went on running other
+    jobs on that spool: the rerun elsewhere must append after the job's own part."""
+    old_spool = tmp_path / "other-worker.0"
+    old_spool.write_bytes(section("a", 1) + section("b"))
+    log = tmp_path / "a.log"
+    os.link(old_spool, log)
+    assert not spool.Spool(str(tmp_path / "s")).attach(str(log), "a")
+    assert log.read_bytes() == section("a", 1) and os.stat(log).st_nlink == 1
+    assert old_spool.read_bytes() == section("a", 1) + section("b")  # the other worker's, as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.log", "other-worker.0", "s"]
 
 
 def test_a_spool_is_started_afresh_every_rotate_jobs_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(spool, "ROTATE_JOBS", 3)
     sp = spool.Spool(str(tmp_path / "s"))
     names = [tmp_path / f"{i}.log" for i in range(4)]
-    assert all(sp.attach(str(n)) for n in names)
+    assert all(sp.attach(str(n), "j") for n in names)
     assert os.path.samefile(names[0], names[2]) and not os.path.samefile(names[2], names[3])
 
 
 def test_without_hard_links_every_run_gets_a_file_of_its_own(tmp_path, mocker):
     sp = spool.Spool(str(tmp_path / "s"))
     mocker.patch("os.link", side_effect=PermissionError(1, "Operation not permitted"))
-    assert not sp.attach(str(tmp_path / "a.log")) and not sp.usable
-    assert not sp.attach(str(tmp_path / "b.log"))
+    assert not sp.attach(str(tmp_path / "a.log"), "j") and not sp.usable
+    assert not sp.attach(str(tmp_path / "b.log"), "j")
 
 
 def test_sweep_removes_dead_workers_spools_only(tmp_path):
