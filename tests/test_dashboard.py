@@ -93,6 +93,24 @@ def test_running_job_shows_live_output_of_its_current_attempt(server, queue, pat
     assert job["output"] == "$ sleep 600\nindexing 10%\nindexing 20%\n"
 
 
+def test_a_completed_job_without_a_log_file_says_so_and_one_with_a_file_names_it(server, queue, paths):
+    seed_jobs(queue)  # build-docs and backup-db completed; no log files were written
+    paths.job_log("backup-db").parent.mkdir(parents=True, exist_ok=True)
+    paths.job_log("backup-db").write_bytes(b"dumped\n")
+    assert http(url(server, "/api/jobs/build-docs"))[2]["log_file"] is None  # a silent run's, pruned
+    assert http(url(server, "/api/jobs/backup-db"))[2]["log_file"] == str(paths.job_log("backup-db"))
+    assert http(url(server, "/api/jobs/send-report"))[2]["log_file"] == str(paths.job_log("send-report"))
+
+
+def test_live_output_skips_the_spools_earlier_sections(server, queue, paths):
+    seed_jobs(queue)
+    log = paths.job_log("reindex")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(joblog.header("other", 1, WORKER, "true") + joblog.result_line("other", 1, None)
+                    + joblog.header("reindex", 1, WORKER, "sleep 600") + b"indexing 10%\n")
+    assert http(url(server, "/api/jobs/reindex"))[2]["output"] == "$ sleep 600\nindexing 10%\n"
+
+
 def test_workers_endpoint_shows_a_real_worker_idle_then_busy(server, cli, workers):
     (pid,) = workers.start(1)
     _, _, body = http(url(server, "/api/workers"))
