@@ -281,9 +281,11 @@ class OwnStream:
 
     def __init__(self, job_id: str) -> None:
         self.jid = job_id.encode()
-        self.line = b""      # the current line so far (its first LINE_MAX bytes)
-        self.ended = False   # the last of the job's marks was a result line
-        self.closed = False  # another job's section began after that
+        self.line = b""       # the current line so far: its first LINE_MAX + 1 bytes, or all
+                              # of it while it is held
+        self.ended = False    # the last of the job's marks was a result line
+        self.closed = False   # another job's section began after that
+        self.passing = False  # the held line grew too long for a mark: passed on to its end
 
     def feed(self, chunk: bytes) -> bytes:
         out: List[bytes] = []
@@ -292,24 +294,40 @@ class OwnStream:
             newline = chunk.find(b"\n", pos)
             piece = chunk[pos:] if newline < 0 else chunk[pos:newline + 1]
             pos += len(piece)
-            line = (self.line + piece)[:self.LINE_MAX + 1]
-            if newline < 0:
-                if not self.ended:
-                    out.append(piece)
-                self.line = line if not self.ended else self.line + piece
-                continue
-            self.line = b""
-            held = self.ended
-            match = _MARK.match(line.rstrip(b"\n")) if len(line) <= self.LINE_MAX + 1 else None
-            if match is not None:
-                head, done = match.group(1), match.group(2)
-                if head is not None and head != self.jid and self.ended:
-                    self.closed = True
-                    break
-                if (head or done) == self.jid:
-                    self.ended = done is not None
-            out.append(line if held else piece)
+            if self.passing:
+                out.append(piece)
+            elif self.ended:  # held until whole (or too long to be another job's header)
+                self.line += piece
+                if newline >= 0:
+                    line, self.line = self.line, b""
+                    if not self._mark(line):
+                        out.append(line)
+                elif len(self.line) > self.LINE_MAX:
+                    out.append(self.line)
+                    self.line, self.passing = b"", True
+            else:  # passed on as it comes; its start kept to tell a mark when it is whole
+                out.append(piece)
+                self.line = (self.line + piece)[:self.LINE_MAX + 1]
+                if newline >= 0:
+                    self._mark(self.line)
+                    self.line = b""
+            if newline >= 0:
+                self.passing = False
         return b"".join(out)
+
+    def _mark(self, line: bytes) -> bool:
+        """Note a whole line's mark; True when it is another job's header after this job's
+        result line: the stream is closed and the line is not this job's."""
+        match = _MARK.match(line.rstrip(b"\n")) if len(line) <= self.LINE_MAX + 1 else None
+        if match is None:
+            return False
+        head, done = match.group(1), match.group(2)
+        if head is not None and head != self.jid and self.ended:
+            self.closed = True
+            return True
+        if (head or done) == self.jid:
+            self.ended = done is not None
+        return False
 
     def flush(self) -> bytes:
         """At the end: a partial line held after the result line (a stray writer's)."""

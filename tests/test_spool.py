@@ -163,6 +163,14 @@ def test_own_stream_passes_partial_lines_and_ends_at_the_next_job():
     assert live.feed(b"ne\n") == b"ne\n"  # while running, output passes as it comes
 
 
+def test_own_stream_passes_a_stray_writers_long_line_whole():
+    stream = joblog.OwnStream("a")
+    long_line = b"x" * (3 * joblog.OwnStream.LINE_MAX) + b"\n"
+    out = stream.feed(section("a") + long_line[:5000])
+    out += stream.feed(long_line[5000:] + b"tail")
+    assert out + stream.flush() == section("a") + long_line + b"tail"
+
+
 def test_running_output_reads_from_the_jobs_last_header(tmp_path):
     log = tmp_path / "a.log"
     log.write_bytes(section("x", output=b"not mine\n") + section("a", error="exit code 1")
