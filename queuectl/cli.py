@@ -982,12 +982,14 @@ def _exit_text(code: Optional[int]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(job_id: str, as_json: bool) -> None:
     """Everything about one job: state, attempts, next run, last error, exit code, output tail."""
+    from queuectl import joblog
+
     info = _queue().details(job_id)
     info["worker_alive"] = (_workers_alive([info])[info["id"]] if info["state"] == "processing"
                             else None)
     elsewhere, path = _log_elsewhere(info), _paths().job_log(info["id"])
     log_file: Optional[str] = elsewhere or str(path)
-    if not elsewhere and _pruned_run(info, path) is not None:
+    if not elsewhere and joblog.pruned(info, path):
         log_file = None  # its one run printed nothing: no file is kept (queuectl/spool.py)
     if as_json:
         info["log_file"] = log_file
@@ -1212,7 +1214,7 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
     if elsewhere:
         _remote_logs(queue, job, elsewhere, follow, attempt, tail_n)
         return
-    pruned = _pruned_run(job, path)
+    pruned = joblog.pruned_log(job, path)
     if attempt is not None or not follow:
         if pruned is not None:
             if attempt not in (None, job["attempts"]):
@@ -1266,7 +1268,7 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
             if chunk and not stream.closed:
                 continue
             if job["state"] in TERMINAL:  # a failed attempt that will be retried is not the end
-                pruned = _pruned_run(job, path) if handle is None else None
+                pruned = joblog.pruned_log(job, path) if handle is None else None
                 out.write(stream.flush() if pruned is None else
                           pruned if tail_n is None else joblog.tail_lines(pruned, tail_n))
                 out.flush()
@@ -1279,17 +1281,6 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
     finally:
         if handle is not None:
             handle.close()
-
-
-def _pruned_run(job: Dict[str, Any], path: Any) -> Optional[bytes]:
-    """The log of a job whose one run completed silently and had its log link removed
-    (queuectl/spool.py), rebuilt from the database; None for any other job."""
-    from queuectl import joblog
-
-    if job["state"] != "completed" or not job["attempts"] or path.exists():
-        return None
-    return joblog.pruned_section(job["id"], job["attempts"], job["worker_id"] or "?",
-                                 job["command"], job["started_at"])
 
 
 @cli.command()

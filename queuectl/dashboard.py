@@ -352,9 +352,7 @@ class Handler(BaseHTTPRequestHandler):
                 job["output"] = (live_output(paths, job_id) if info["state"] == "processing"
                                  else info["output_tail"] or "")
                 log_file = paths.job_log(job_id)
-                # A silent completed run keeps no file (queuectl/spool.py): null then.
-                job["log_file"] = (None if info["state"] == "completed" and not log_file.exists()
-                                   else str(log_file))
+                job["log_file"] = None if joblog.pruned(info, log_file) else str(log_file)
                 self._json(job)
             else:
                 raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")

@@ -10,7 +10,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import BinaryIO, List, Optional, Tuple
+from typing import Any, BinaryIO, List, Mapping, Optional, Tuple
 
 # The default of config db_tail_bytes: logs stay on the host that ran the attempt, so the
 # database keeps enough of each attempt's output for `logs` on any other host.
@@ -87,11 +87,20 @@ def tail_of(fd: int, start: int = 0, limit: int = TAIL_BYTES) -> str:
     return text
 
 
-def pruned_section(job_id: str, attempt: int, worker_id: str, command: str,
-                   started_at: Optional[float]) -> bytes:
-    """What the log of a silent completed run said, whose link to a spool was removed (its
-    header and result line), rebuilt from the database."""
-    return header(job_id, attempt, worker_id, command, started_at) + result_line(job_id, attempt, None)
+def pruned(job: Mapping[str, Any], path: "str | Path") -> bool:
+    """Whether ``job``'s log is gone because its run completed silently (its link to a
+    spool was removed once recorded: queuectl/spool.py)."""
+    return job["state"] == "completed" and bool(job["attempts"]) and not os.path.exists(path)
+
+
+def pruned_log(job: Mapping[str, Any], path: "str | Path") -> Optional[bytes]:
+    """What a pruned run's log said (its header and result line), rebuilt from the
+    database; None when ``job``'s log was not pruned."""
+    if not pruned(job, path):
+        return None
+    attempt = job["attempts"]
+    return (header(job["id"], attempt, job["worker_id"] or "?", job["command"], job["started_at"])
+            + result_line(job["id"], attempt, None))
 
 
 def own_span(data: bytes, job_id: str) -> "Tuple[int, int]":
