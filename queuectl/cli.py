@@ -1050,7 +1050,7 @@ def show(job_id: str, as_json: bool) -> None:
         click.echo("output (tail):")
         tail = info["output_tail"]
         if len(tail) > SHOW_TAIL_CHARS:  # the database keeps more for `logs` on other hosts
-            tail = "…" + tail[-SHOW_TAIL_CHARS:].split("\n", 1)[-1]
+            tail = joblog.from_a_line(tail[-SHOW_TAIL_CHARS:])
         for line in tail.rstrip("\n").split("\n"):
             click.echo(f"  {line}")
 

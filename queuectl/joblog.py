@@ -82,9 +82,12 @@ def tail_of(fd: int, start: int = 0, limit: int = TAIL_BYTES) -> str:
         return ""
     begin = max(start, size - limit)
     text = os.pread(fd, limit, begin).decode("utf-8", "replace")
-    if begin > start:
-        text = "…" + text.split("\n", 1)[-1] if "\n" in text else "…" + text
-    return text
+    return from_a_line(text) if begin > start else text
+
+
+def from_a_line(text: str) -> str:
+    """A window that starts inside the output: from its first whole line, marked as cut."""
+    return "…" + text.split("\n", 1)[-1] if "\n" in text else "…" + text
 
 
 def pruned(job: Mapping[str, Any], path: "str | Path") -> bool:
@@ -365,6 +368,4 @@ def running_output(path: Path, job_id: str, limit: int = TAIL_BYTES) -> str:
     if last is not None:
         return data[last.end() + 1:].decode("utf-8", "replace")  # from its "$ command" line
     text = data.decode("utf-8", "replace")
-    if begin > 0:  # the output began before the window: say so, from a whole line
-        text = "…" + text.split("\n", 1)[-1] if "\n" in text else "…" + text
-    return text
+    return from_a_line(text) if begin > 0 else text  # the output began before the window
