@@ -189,7 +189,7 @@ class SlotWorker(Worker):
                                    tail_bytes=settings["db_tail_bytes"],
                                    max_log_bytes=settings["max_log_bytes"])
             except Exception as exc:  # noqa: BLE001 - e.g. the log cannot be written (disk full)
-                self._unlink_log(linked, None, log_path)
+                self._keep_or_prune(linked, None, log_path)
                 log.exception("job %s: attempt %d could not be run", job["id"], job["attempts"])
                 self._add_done(job, executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}"))
                 continue
@@ -237,9 +237,9 @@ class SlotWorker(Worker):
         except Exception as exc:  # noqa: BLE001
             log.exception("job %s: attempt %d could not be finished", job["id"], job["attempts"])
             outcome = executor.Outcome(None, f"worker error: {type(exc).__name__}: {exc}")
-            self._unlink_log(linked, None, log_path)
+            self._keep_or_prune(linked, None, log_path)
         else:
-            self._unlink_log(linked, outcome, log_path)
+            self._keep_or_prune(linked, outcome, log_path)
         outcome.log_location = f"{self.host}:{log_path}"
         # As Worker._run: only a run that happened counts as short (a worker error, say a
         # full disk, is no reason to claim a prefetch).

@@ -474,9 +474,9 @@ class Worker:
                                        max_log_bytes=settings["max_log_bytes"],
                                        base_env=base_env)
         except BaseException:
-            self._unlink_log(linked, None, log_path)
+            self._keep_or_prune(linked, None, log_path)
             raise
-        self._unlink_log(linked, outcome, log_path)
+        self._keep_or_prune(linked, outcome, log_path)
         outcome.log_location = f"{self.host}:{log_path}"  # logs stay here; others are told where
         return outcome
 
@@ -490,7 +490,7 @@ class Worker:
         self.spools.give(linked)
         return None
 
-    def _unlink_log(self, linked: Optional[spool.Spool], outcome: Optional[executor.Outcome],
+    def _keep_or_prune(self, linked: Optional[spool.Spool], outcome: Optional[executor.Outcome],
                     log_path: str) -> None:
         """After a run whose log is linked to a spool (its log closed; ``outcome`` None: it
         raised): a silent completed run's link goes once its result is recorded (``prune``),
