@@ -491,7 +491,7 @@ class Worker:
         return None
 
     def _keep_or_prune(self, linked: Optional[spool.Spool], outcome: Optional[executor.Outcome],
-                    log_path: str) -> None:
+                       log_path: str) -> None:
         """After a run whose log is linked to a spool (its log closed; ``outcome`` None: it
         raised): a silent completed run's link goes once its result is recorded (``prune``),
         any other keeps it as its log."""
