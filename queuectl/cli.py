@@ -1291,7 +1291,8 @@ def logs(job_id: str, follow: bool, attempt: Optional[int], tail_n: Optional[int
               help="With --all: also wait for jobs scheduled to start later (run_at/delay).")
 @click.option("--timeout", "-t", "timeout_s", help="Give up after this long (30, 5m, 2h); exit 2.")
 @click.option("--json", "as_json", is_flag=True, help="Print each job's final state as JSON (same exit codes).")
-@click.option("--group", "-g", "group", metavar="G", help="With --all: only the jobs of this group.")
+@click.option("--group", "-g", "group", metavar="G",
+              help="Every unfinished due job of this group (--all for one group).")
 @_ctrl_c_exits_130
 def wait(job_ids: Sequence[str], all_jobs: bool, scheduled: bool, timeout_s: Optional[str],
          as_json: bool, group: Optional[str]) -> None:
@@ -1306,16 +1307,19 @@ def wait(job_ids: Sequence[str], all_jobs: bool, scheduled: bool, timeout_s: Opt
       id=$(queuectl add -q "make build"); queuectl wait "$id"
       queuectl wait --all --timeout 10m
       queuectl wait --all --scheduled
+      queuectl wait --group backups
       queuectl wait --json a b c | jq -r '.jobs | to_entries[] | select(.value != "completed") | .key'
     """
     from queuectl.timeutil import parse_duration
 
+    if group is not None:
+        if job_ids:
+            raise InvalidInput("give job ids or --group, not both")
+        all_jobs = True  # `wait --group G` is `wait --all` for one group
     if bool(job_ids) == all_jobs:
-        raise InvalidInput("give job ids, or --all")
+        raise InvalidInput("give job ids, --all or --group")
     if scheduled and not all_jobs:
-        raise InvalidInput("--scheduled goes with --all")
-    if group is not None and not all_jobs:
-        raise InvalidInput("--group goes with --all")
+        raise InvalidInput("--scheduled goes with --all or --group")
     limit = parse_duration(timeout_s, "--timeout") if timeout_s is not None else None
     queue = _queue()
     if all_jobs:

@@ -391,6 +391,21 @@ def test_wait_json(cli, queue):
     assert json.loads(cli("wait", "--all", "--json").stdout) == {"jobs": {}, "timed_out": False}
 
 
+def test_wait_group_waits_for_that_group_only(cli, queue):
+    cli("add", "--id", "b1", "--group", "backups", "true")
+    cli("add", "--id", "d1", "true")  # another group's job: never run here
+    queue.finish(queue.claim(W), Outcome(0, None, ""), W)  # b1, the first in line
+    assert state_of(queue, "b1") == "completed" and state_of(queue, "d1") == "pending"
+    done = cli("wait", "--group", "backups", "--json", "--timeout", "5")
+    assert done.exit_code == 0 and json.loads(done.stdout) == {"jobs": {}, "timed_out": False}
+    cli("add", "--id", "b2", "--group", "backups", "true")
+    late = cli("wait", "-g", "backups", "--json", "--timeout", "0.1", ok=False)
+    assert late.exit_code == 2
+    assert json.loads(late.stdout) == {"jobs": {"b2": "pending"}, "timed_out": True}
+    both = cli("wait", "--group", "backups", "b2", ok=False)
+    assert both.exit_code == 1 and both.stderr.strip() == "error: give job ids or --group, not both"
+
+
 def run_with_tty_stderr(args, home, input_text=None):
     """Run the real command with stderr on a pseudo-terminal (what a user at a shell sees)."""
     import pty
