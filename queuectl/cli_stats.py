@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import click
 
-LIMIT = 20  # commands shown in text output (--json has all of them)
+LIMIT = 20  # commands (or groups) shown in text output (--json has all of them)
 
 
 @click.command()
 @click.option("--since", default="1h", show_default=True,
               help="How far back to look (30m, 12h, 7d).")
+@click.option("--by", type=click.Choice(["command", "group"]), default="command", show_default=True,
+              help="One line per command, or per group.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def stats(since: str, as_json: bool) -> None:
-    """Throughput, failure rate and p50/p95 run durations per command, over a recent window.
+def stats(since: str, by: str, as_json: bool) -> None:
+    """Throughput, failure rate and p50/p95 run durations per command (or group), over a
+    recent window.
 
     Counts runs that finished in the window and are still in the database (retention
     deletes old jobs; see config keep_completed). A failed attempt that is retried counts
@@ -21,9 +24,10 @@ def stats(since: str, as_json: bool) -> None:
     Examples:
       queuectl stats
       queuectl stats --since 24h --json
+      queuectl stats --by group
     """
     from queuectl.cli import _emit_json, _queue, _short
-    from queuectl.stats import summarize
+    from queuectl.stats import BY, summarize
     from queuectl.timeutil import format_duration, parse_duration
 
     window = parse_duration(since, "--since")
@@ -33,7 +37,7 @@ def stats(since: str, as_json: bool) -> None:
         raise InvalidInput("--since must be longer than 0 (e.g. 1h)")
     queue = _queue()
     now = queue.clock()
-    figures = summarize(queue.runs_since(now - window), window)
+    figures = summarize(queue.runs_since(now - window), window, by)
     if as_json:
         _emit_json(figures)
         return
@@ -43,11 +47,11 @@ def stats(since: str, as_json: bool) -> None:
                 f"{format_duration(row['p50']):>8} {format_duration(row['p95']):>8}  {name}")
 
     click.echo(f"Runs finished in the last {format_duration(window)}:")
-    click.echo(f"{'RUNS':>7} {'PER SEC':>8} {'FAILED':>7} {'P50':>8} {'P95':>8}  COMMAND")
-    rows = figures["commands"]
+    click.echo(f"{'RUNS':>7} {'PER SEC':>8} {'FAILED':>7} {'P50':>8} {'P95':>8}  {by.upper()}")
+    rows = figures[BY[by]]
     for row in rows[:LIMIT]:
-        click.echo(line(_short(row["command"], 60), row))
+        click.echo(line(_short(row[by], 60), row))
     if len(rows) > LIMIT:
-        click.echo(f"... and {len(rows) - LIMIT} more commands (--json lists them all)")
+        click.echo(f"... and {len(rows) - LIMIT} more {BY[by]} (--json lists them all)")
     click.echo(line("(all)", figures["total"]))
 

@@ -645,9 +645,9 @@ class PgStore:
 
     def runs_since(self, since: float) -> List[Dict[str, Any]]:
         return self._dicts(
-            "SELECT command, argv, 'completed' AS outcome, started_at, finished_at FROM jobs "
+            "SELECT command, argv, grp, 'completed' AS outcome, started_at, finished_at FROM jobs "
             "WHERE state = 'completed' AND finished_at IS NOT NULL AND finished_at >= %(since)s "
-            "UNION ALL SELECT j.command, j.argv, CASE WHEN r.error IS NULL THEN 'completed' "
+            "UNION ALL SELECT j.command, j.argv, j.grp, CASE WHEN r.error IS NULL THEN 'completed' "
             "WHEN r.error LIKE 'cancelled%%' THEN 'cancelled' ELSE 'failed' END, r.started_at, "
             "r.finished_at FROM job_runs r JOIN jobs j ON j.id = r.job_id "
             "WHERE r.finished_at >= %(since)s", {"since": since})

@@ -465,9 +465,9 @@ class SqliteStore:
 
     def runs_since(self, since: float) -> "list[dict[str, Any]]":
         return self._query(
-            "SELECT command, argv, 'completed' AS outcome, started_at, finished_at "
+            "SELECT command, argv, grp, 'completed' AS outcome, started_at, finished_at "
             "FROM jobs INDEXED BY jobs_finished WHERE state = 'completed' AND finished_at IS NOT NULL "
-            "AND finished_at >= ? UNION ALL SELECT j.command, j.argv, CASE WHEN r.error IS NULL "
+            "AND finished_at >= ? UNION ALL SELECT j.command, j.argv, j.grp, CASE WHEN r.error IS NULL "
             "THEN 'completed' WHEN r.error LIKE 'cancelled%' THEN 'cancelled' ELSE 'failed' END, "
             "r.started_at, r.finished_at FROM job_runs r JOIN jobs j ON j.id = r.job_id "
             "WHERE r.finished_at >= ?", (since, since))

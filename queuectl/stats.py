@@ -1,4 +1,5 @@
-"""``queuectl stats``: throughput, failure rate and durations of recent runs, per command.
+"""``queuectl stats``: throughput, failure rate and durations of recent runs, per command
+or per group.
 
 Figures come from the runs still in the database (retention deletes old ones: a window
 longer than keep_completed sees only what is left). Percentiles are nearest-rank over
@@ -30,20 +31,23 @@ def command_text(command: str, argv: Any) -> str:
     return command
 
 
-def summarize(runs: Iterable[Dict[str, Any]], window: float, key: str = "command") -> Dict[str, Any]:
-    """{"window_seconds", "total": row, "commands": [row, ...] most runs first}; a row has
-    runs, completed, failed, cancelled, throughput (completed per second), failure_rate
-    (failed / (completed + failed)), p50/p95 seconds (of completed and failed runs).
-    ``key``: what rows are per (a group label joins "command" here when groups exist)."""
-    groups: Dict[str, List[Dict[str, Any]]] = {}
+BY = {"command": "commands", "group": "groups"}  # what rows can be per -> their list's key
+
+
+def summarize(runs: Iterable[Dict[str, Any]], window: float, by: str = "command") -> Dict[str, Any]:
+    """{"window_seconds", "total": row, "commands" (or "groups", ``by="group"``): [row, ...]
+    most runs first}; a row has its command (or group), runs, completed, failed, cancelled,
+    throughput (completed per second), failure_rate (failed / (completed + failed)) and
+    p50/p95 seconds (of completed and failed runs)."""
+    parts: Dict[str, List[Dict[str, Any]]] = {}
     every: List[Dict[str, Any]] = []
     for run in runs:
-        name = command_text(run["command"], run["argv"]) if key == "command" else str(run.get(key))
-        groups.setdefault(name, []).append(run)
+        name = command_text(run["command"], run["argv"]) if by == "command" else run["grp"]
+        parts.setdefault(name, []).append(run)
         every.append(run)
-    rows = [dict(_row(items, window), command=name) for name, items in groups.items()]
-    rows.sort(key=lambda row: (-row["runs"], row["command"]))
-    return {"window_seconds": window, "total": _row(every, window), "commands": rows}
+    rows = [{by: name, **_row(items, window)} for name, items in parts.items()]
+    rows.sort(key=lambda row: (-row["runs"], row[by]))
+    return {"window_seconds": window, "total": _row(every, window), BY[by]: rows}
 
 
 def _row(runs: List[Dict[str, Any]], window: float) -> Dict[str, Any]:

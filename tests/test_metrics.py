@@ -131,6 +131,30 @@ def test_stats_per_command_on_both_backends(store, cli):
     assert bad.exit_code != 0 and "Traceback" not in bad.stderr
 
 
+def test_stats_per_group_on_both_backends(store, cli):
+    clock = Clock()
+    q = Queue(store, clock=clock)
+    q.config_set("max_retries", "0")
+    for n, (group, seconds, ok) in enumerate([("backups", 4.0, True), ("backups", 2.0, False),
+                                                ("default", 1.0, True)]):
+        add(q, id=f"g{n}", command=f"step {n}", group=group)
+        job = q.claim(WORKER)
+        clock.now += seconds
+        q.finish(job, Outcome(0, None) if ok else Outcome(1, "exit code 1"), WORKER)
+    figures = summarize(q.runs_since(clock.now - 3600), 3600, by="group")
+    assert [row["group"] for row in figures["groups"]] == ["backups", "default"]  # most runs first
+    backups = figures["groups"][0]
+    assert (backups["runs"], backups["completed"], backups["failed"]) == (2, 1, 1)
+    assert (backups["p50"], backups["p95"]) == (pytest.approx(2.0), pytest.approx(4.0))
+    assert figures["total"]["runs"] == 3 and "commands" not in figures
+    out = json.loads(cli("stats", "--since", "3650d", "--by", "group", "--json").stdout)
+    assert {row["group"]: row["runs"] for row in out["groups"]} == {"backups": 2, "default": 1}
+    text = cli("stats", "--since", "3650d", "--by", "group").stdout.splitlines()
+    assert text[1].split()[-1] == "GROUP" and text[2].split()[-1] == "backups"
+    bad = cli("stats", "--by", "host", ok=False)
+    assert bad.exit_code == 2 and "Traceback" not in bad.stderr
+
+
 def test_percentile_is_nearest_rank():
     assert percentile([], 0.5) is None
     assert percentile([1.0], 0.95) == 1.0
