@@ -133,8 +133,8 @@ def render(snapshot: Dict[str, Any]) -> str:
         if name == RUNS and labels:
             outcome = json.loads(labels).get("outcome", "")
             runs[outcome] = runs.get(outcome, 0.0) + value
-    # A label set per row: by state today; a group label goes into these dicts.
     jobs = [("", {"state": state}, float(n)) for state, n in snapshot["jobs"].items()]
+    groups = snapshot.get("groups", [])
     families = [
         ("jobs", "gauge", "Jobs in the queue by state (retention deletes old finished ones).", jobs),
         ("runs_total", "counter", "Finished runs by outcome (failed: will be retried; dead: "
@@ -151,5 +151,15 @@ def render(snapshot: Dict[str, Any]) -> str:
          "longest without being started (0 when none is due).",
          [("", {}, float(snapshot["oldest_waiting_age"]))]),
         ("paused", "gauge", "1 while the queue is paused.", [("", {}, 1.0 if snapshot["paused"] else 0.0)]),
+        # Per group, what `group list` shows: finished jobs are counted by state only above
+        # (per group they would be a scan of every finished row at each scrape).
+        ("group_jobs", "gauge", "Jobs of a group running now, or waiting (pending, or failed "
+         "and waiting for a retry).",
+         [("", {"group": g["name"], "state": state}, float(g[state]))
+          for g in groups for state in ("running", "waiting")]),
+        ("group_limit", "gauge", "A group's --parallel limit (groups that have one).",
+         [("", {"group": g["name"]}, float(g["parallel"])) for g in groups if g["parallel"] is not None]),
+        ("group_paused", "gauge", "1 while a group is paused.",
+         [("", {"group": g["name"]}, 1.0 if g["paused"] else 0.0) for g in groups]),
     ]
     return exposition(families)

@@ -904,7 +904,8 @@ class Queue:
 
     def metrics_snapshot(self) -> Dict[str, Any]:
         """What /metrics shows (queuectl/metrics.py renders it): job counts, counter totals,
-        workers busy and idle, the age of the longest-waiting due job."""
+        workers busy and idle, the age of the longest-waiting due job, the groups (as
+        ``group list``: running, waiting, limit, paused)."""
         now = self.clock()
         live = [w["worker_id"] for w in self.registry() if not w["gone"]]
         running = {row["worker_id"] for row in self.store.processing()}
@@ -913,7 +914,7 @@ class Queue:
         return {"jobs": self.counts(), "counters": self.store.counter_totals(),
                 "workers_busy": busy, "workers_idle": len(live) - busy,
                 "oldest_waiting_age": max(0.0, now - due) if due is not None else 0.0,
-                "paused": self.paused()}
+                "paused": self.paused(), "groups": self.groups()}
 
     def runs_since(self, since: float) -> List[Dict[str, Any]]:
         """Runs that ended at or after ``since`` (for ``stats``; purged jobs are not in it)."""

@@ -59,6 +59,27 @@ def test_metrics_parse_and_agree_with_the_queue(paths, queue):
     assert value(samples, "queuectl_paused") == 0
 
 
+def test_metrics_show_each_groups_running_waiting_limit_and_pause(store):
+    q = Queue(store)
+    q.set_group_limit("backups", 1)
+    q.pause_group("downloads")
+    for n in range(3):
+        add(q, id=f"b{n}", group="backups")
+    add(q, id="d0", group="downloads")
+    assert q.claim(WORKER)["id"] == "b0"
+    page = metrics.render(q.metrics_snapshot())
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(page) for s in f.samples}
+    assert value(samples, "queuectl_group_jobs", group="backups", state="running") == 1
+    assert value(samples, "queuectl_group_jobs", group="backups", state="waiting") == 2
+    assert value(samples, "queuectl_group_jobs", group="downloads", state="waiting") == 1
+    assert value(samples, "queuectl_group_jobs", group="default", state="running") == 0
+    assert value(samples, "queuectl_group_limit", group="backups") == 1
+    assert ("queuectl_group_limit", (("group", "downloads"),)) not in samples  # no limit
+    assert value(samples, "queuectl_group_paused", group="downloads") == 1
+    assert value(samples, "queuectl_group_paused", group="backups") == 0
+
+
 def test_counters_only_grow_across_purges_and_folds(paths, store):
     clock = Clock()
     q = Queue(store, clock=clock)
