@@ -9,8 +9,8 @@ blocking (the first OUTPUT_KEPT bytes are kept, the rest counted), kills a hook'
 after HOOK_TIMEOUT, and logs how each ended.
 
 The hook's environment is the worker's, plus QUEUECTL_EVENT (on_failure|on_dead),
-QUEUECTL_JOB_ID, QUEUECTL_JOB_STATE (failed|dead), QUEUECTL_ATTEMPT, QUEUECTL_ERROR and
-QUEUECTL_COMMAND. A final failure fires both hooks: on_failure (a run failed) and on_dead.
+QUEUECTL_JOB_ID, QUEUECTL_JOB_STATE (failed|dead), QUEUECTL_ATTEMPT, QUEUECTL_ERROR,
+QUEUECTL_COMMAND and QUEUECTL_GROUP. A final failure fires both hooks: on_failure (a run failed) and on_dead.
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ class Hooks:
             env = {"QUEUECTL_EVENT": event, "QUEUECTL_JOB_ID": str(job["id"]),
                    "QUEUECTL_JOB_STATE": state, "QUEUECTL_ATTEMPT": str(job.get("attempts", "")),
                    "QUEUECTL_ERROR": (error or "")[:ENV_ERROR_MAX],
-                   "QUEUECTL_COMMAND": str(job.get("command", ""))[:ENV_ERROR_MAX]}
+                   "QUEUECTL_COMMAND": str(job.get("command", ""))[:ENV_ERROR_MAX],
+                   "QUEUECTL_GROUP": str(job.get("grp") or "default")}
             if len(self.waiting) >= MAX_WAITING:
                 self.dropped += 1
             else:

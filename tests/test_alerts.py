@@ -17,7 +17,7 @@ from queuectl import alerts, executor
 from queuectl.jobspec import parse_job
 from queuectl.paths import Paths
 
-JOB = {"id": "j1", "attempts": 2, "command": "make backup"}
+JOB = {"id": "j1", "attempts": 2, "command": "make backup", "grp": "backups"}
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_a_hook_gets_the_job_in_its_environment(hooks: alerts.Hooks, tmp_path: P
     for env in seen:
         assert env["QUEUECTL_JOB_ID"] == "j1" and env["QUEUECTL_JOB_STATE"] == "dead"
         assert env["QUEUECTL_ATTEMPT"] == "2" and env["QUEUECTL_ERROR"] == "exit code 7"
-        assert env["QUEUECTL_COMMAND"] == "make backup"
+        assert env["QUEUECTL_COMMAND"] == "make backup" and env["QUEUECTL_GROUP"] == "backups"
         assert env["QUEUECTL_HOME"] == str(tmp_path)
     # A plain failure (retries left) fires on_failure only; completed jobs fire nothing.
     hooks.job_settled({"on_failure": dump, "on_dead": dump}, JOB, "exit code 7", "failed")
