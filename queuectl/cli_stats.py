@@ -1,9 +1,19 @@
 """``queuectl stats``: parsing and printing only (figures from queuectl/stats.py)."""
 from __future__ import annotations
 
+import math
+
 import click
 
 LIMIT = 20  # commands (or groups) shown in text output (--json has all of them)
+
+
+def per_second(rate: float) -> str:
+    """Three significant digits, never an exponent: 10 runs in an hour show as 0.00278,
+    not as 0.00."""
+    if rate <= 0:
+        return "0"
+    return f"{rate:.{max(0, 2 - math.floor(math.log10(rate)))}f}"
 
 
 @click.command()
@@ -43,7 +53,7 @@ def stats(since: str, by: str, as_json: bool) -> None:
         return
 
     def line(name: str, row: dict) -> str:
-        return (f"{row['runs']:>7} {row['throughput']:>8.2f} {row['failure_rate'] * 100:>6.1f}% "
+        return (f"{row['runs']:>7} {per_second(row['throughput']):>8} {row['failure_rate'] * 100:>6.1f}% "
                 f"{format_duration(row['p50']):>8} {format_duration(row['p95']):>8}  {name}")
 
     click.echo(f"Runs finished in the last {format_duration(window)}:")

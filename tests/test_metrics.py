@@ -176,6 +176,13 @@ def test_stats_per_group_on_both_backends(store, cli):
     assert bad.exit_code == 2 and "Traceback" not in bad.stderr
 
 
+def test_stats_per_second_keeps_three_digits_of_slow_and_fast_rates():
+    from queuectl.cli_stats import per_second
+
+    assert [per_second(r) for r in (0.0, 10 / 3600, 0.5, 1.5, 25.04, 2000.4)] == \
+        ["0", "0.00278", "0.500", "1.50", "25.0", "2000"]
+
+
 def test_percentile_is_nearest_rank():
     assert percentile([], 0.5) is None
     assert percentile([1.0], 0.95) == 1.0
