@@ -10,7 +10,8 @@ after HOOK_TIMEOUT, and logs how each ended.
 
 The hook's environment is the worker's, plus QUEUECTL_EVENT (on_failure|on_dead),
 QUEUECTL_JOB_ID, QUEUECTL_JOB_STATE (failed|dead), QUEUECTL_ATTEMPT, QUEUECTL_ERROR,
-QUEUECTL_COMMAND and QUEUECTL_GROUP. A final failure fires both hooks: on_failure (a run failed) and on_dead.
+QUEUECTL_COMMAND and QUEUECTL_GROUP. A final failure fires both hooks: on_failure (a run
+failed) and on_dead.
 """
 from __future__ import annotations
 
