@@ -42,7 +42,7 @@ def summarize(runs: Iterable[Dict[str, Any]], window: float, by: str = "command"
     parts: Dict[str, List[Dict[str, Any]]] = {}
     every: List[Dict[str, Any]] = []
     for run in runs:
-        name = command_text(run["command"], run["argv"]) if by == "command" else (run["grp"] or "default")
+        name = command_text(run["command"], run["argv"]) if by == "command" else run["grp"]
         parts.setdefault(name, []).append(run)
         every.append(run)
     rows = [{by: name, **_row(items, window)} for name, items in parts.items()]
