@@ -4,42 +4,26 @@ work per job? The ceiling of W1c2 (one worker, two slots) against L0, without th
 Each job is started with queuectl's own executor.spawn (as workers and L0 start them) and
 watched through its pidfd; between jobs the loop burns W µs of CPU in Python, standing in
 for a worker's per-job work (claim, record, log header and result line, spool link). The
-L0 of the same run (two spawner processes) is measured before and after, and each ratio is
-to their mean. Usage: python benchmarks/one_process_ceiling.py [JOBS] [W ...]
+L0 of the same run (bench.py's: two spawner processes) is measured before and after, and
+each ratio is to their mean. Usage: python benchmarks/one_process_ceiling.py [JOBS] [W ...]
 """
 from __future__ import annotations
 
 import os
 import select
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import List
 
+from bench import bench_l0  # this directory is on sys.path when the script runs
 from queuectl.executor import spawn
-
-SPAWNER = r"""
-import os, sys, time
-from queuectl.executor import spawn
-fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-go = float(sys.argv[3])
-while time.time() < go:
-    time.sleep(0.0005)
-t0 = time.time()
-for _ in range(int(sys.argv[1])):
-    spawn("true", False, None, fd).wait()
-print(time.time() - t0)
-"""
 
 
 def l0(directory: str, jobs: int) -> float:
-    """Two spawner processes, each starting jobs/2 `sh -c true` one after the other."""
-    go = repr(time.time() + 0.5)
-    procs = [subprocess.Popen([sys.executable, "-c", SPAWNER, str(jobs // 2),
-                               os.path.join(directory, f"l0-{i}.log"), go],
-                              stdout=subprocess.PIPE, text=True) for i in range(2)]
-    return jobs / max(float(p.communicate()[0]) for p in procs)
+    """bench.py's L0: two spawner processes, each starting jobs/2 `sh -c true` in turn."""
+    return bench_l0(Path(directory), jobs // 2)["L0_spawns_per_s"]
 
 
 def _burn(microseconds: float) -> None:
