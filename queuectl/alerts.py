@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Mapping, Optional
 
 from queuectl import chores
+from queuectl.jobspec import DEFAULT_GROUP
 
 HOOK_TIMEOUT = 30.0     # seconds a hook may run before its process group is SIGKILLed
 MAX_RUNNING = 4         # hooks running at once, per worker
@@ -72,7 +73,7 @@ class Hooks:
                    "QUEUECTL_JOB_STATE": state, "QUEUECTL_ATTEMPT": str(job.get("attempts", "")),
                    "QUEUECTL_ERROR": (error or "")[:ENV_ERROR_MAX],
                    "QUEUECTL_COMMAND": str(job.get("command", ""))[:ENV_ERROR_MAX],
-                   "QUEUECTL_GROUP": str(job.get("grp") or "default")}
+                   "QUEUECTL_GROUP": str(job.get("grp") or DEFAULT_GROUP)}
             if len(self.waiting) >= MAX_WAITING:
                 self.dropped += 1
             else:
