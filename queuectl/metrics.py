@@ -134,7 +134,7 @@ def render(snapshot: Dict[str, Any]) -> str:
             outcome = json.loads(labels).get("outcome", "")
             runs[outcome] = runs.get(outcome, 0.0) + value
     jobs = [("", {"state": state}, float(n)) for state, n in snapshot["jobs"].items()]
-    groups = snapshot.get("groups", [])
+    groups = snapshot["groups"]
     families = [
         ("jobs", "gauge", "Jobs in the queue by state (retention deletes old finished ones).", jobs),
         ("runs_total", "counter", "Finished runs by outcome (failed: will be retried; dead: "
